@@ -1,0 +1,6 @@
+"""Pure nn.Modules of SCHEME: no knowledge of any model."""
+from .block_diagonal import BlockDiagonalConv1x1, BlockDiagonalLinear
+from .cca import ChannelCovarianceAttention
+from .mlp import SchemeMlp
+
+__all__ = ["BlockDiagonalLinear", "BlockDiagonalConv1x1", "ChannelCovarianceAttention", "SchemeMlp"]

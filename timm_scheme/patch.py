@@ -1,0 +1,227 @@
+"""Find the channel-mixer MLPs of a timm model and swap them for SCHEME mixers, in place.
+
+Knows timm's module types; nothing about files.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+from timm.layers.mlp import ConvMlp, GluMlp, Mlp, SwiGLU
+
+from .config import SchemeConfig
+from .layers import SchemeMlp
+
+_logger = logging.getLogger(__name__)
+
+FilterFn = Callable[[nn.Module, str], bool]
+# patched only when their forward is timm's own: a subclass that changes it is left alone
+SUPPORTED_MLP_TYPES = (Mlp, GluMlp, SwiGLU, ConvMlp)
+
+
+@dataclass
+class _MlpSpec:
+    """What a replacement must keep from the original MLP."""
+    name: str
+    in_features: int
+    hidden_features: int
+    out_features: int
+    use_conv: bool
+    gated: bool
+    gate_last: bool
+    norm_first: bool
+    bias: Tuple[bool, bool]
+    drop: Tuple[float, float]
+    act: nn.Module
+    norm: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(model, "scheme_config") or any(isinstance(m, SchemeMlp) for m in model.modules())
+
+
+def scheme_patch(
+        model: nn.Module,
+        groups: int = 4,
+        expansion: Optional[float] = 8,
+        *,
+        filter_fn: Optional[FilterFn] = None,
+        **options,
+) -> nn.Module:
+    """Replace every channel-mixer MLP of a timm model with a SCHEME mixer, in place; returns the model.
+
+    Args:
+        model: a timm model (classifier, ``features_only`` or any module holding timm MLPs).
+        groups: channel groups of the block-diagonal projections.
+        expansion: hidden units per input channel; ``None`` keeps each layer's width.
+        filter_fn: ``filter_fn(module, name) -> bool`` narrows which MLPs are replaced.
+        **options: any other field of :class:`SchemeConfig`.
+    """
+    config = SchemeConfig.from_options(groups=groups, expansion=expansion, **options)
+    if is_patched(model):
+        raise ValueError(
+            f"scheme_patch: {type(model).__name__} is already patched "
+            f"(config {getattr(model, 'scheme_config', None)}); patch a fresh model instead")
+    targets = find_mlps(model, filter_fn)
+    if not targets:
+        raise ValueError(
+            f"scheme_patch: found no MLP to patch in {type(model).__name__}; supported types are "
+            f"{[t.__name__ for t in SUPPORTED_MLP_TYPES]} from timm.layers (classifier heads and MLPs "
+            "rejected by filter_fn are skipped)")
+    # validate everything before changing anything, so a bad option leaves the model as it was
+    specs = [_describe(name, module) for name, module in targets]
+    plans = [(spec, _hidden_width(spec, config)) for spec in specs]
+    for spec, hidden in plans:
+        _check_widths(spec, hidden, config.groups)
+    replacements = [(spec.name, _build(spec, hidden, config)) for spec, hidden in plans]
+
+    for name, new in replacements:
+        _set_submodule(model, name, new)
+    without_cca = [name for name, new in replacements if config.cca and not new.has_cca]
+    if without_cca:
+        _logger.warning("SCHEME: CCA needs equal in/out widths; these layers run without it: %s", without_cca)
+    model.scheme_config = config
+    _logger.debug("SCHEME: replaced %d MLPs (groups=%d, expansion=%s)", len(replacements), config.groups,
+                 config.expansion)
+    return model
+
+
+def find_mlps(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> List[Tuple[str, nn.Module]]:
+    """The (name, module) pairs ``scheme_patch`` would replace."""
+    head_prefixes = _classifier_prefixes(model)
+    found = []
+    for name, module in model.named_modules():
+        if not _is_supported(module):
+            continue
+        if any(name == p or name.startswith(p + ".") for p in head_prefixes):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        found.append((name, module))
+    return found
+
+
+def _is_supported(module: nn.Module) -> bool:
+    return any(isinstance(module, t) and type(module).forward is t.forward for t in SUPPORTED_MLP_TYPES)
+
+
+def _classifier_prefixes(model: nn.Module) -> List[str]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    classifier = cfg.get("classifier") if isinstance(cfg, dict) else None
+    names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    # the top-level module holding the classifier (e.g. 'head' for 'head.fc') is head, not trunk
+    return sorted({n.split(".")[0] for n in names} | {"head"})
+
+
+def _describe(name: str, m: nn.Module) -> _MlpSpec:
+    if isinstance(m, SwiGLU):
+        fc1, fc2 = m.fc1_x, m.fc2
+        gated, gate_last, norm_first = True, False, False
+        drop = (m.drop1.p, m.drop2.p)
+        bias = (fc1.bias is not None, fc2.bias is not None)
+    elif isinstance(m, GluMlp):
+        fc1, fc2 = m.fc1, m.fc2
+        gated, gate_last, norm_first = True, m.gate_last, False
+        drop = (m.drop1.p, m.drop2.p)
+        bias = (fc1.bias is not None, fc2.bias is not None)
+    elif isinstance(m, ConvMlp):
+        fc1, fc2 = m.fc1, m.fc2
+        gated, gate_last, norm_first = False, True, True
+        drop = (m.drop.p, 0.0)
+        bias = (fc1.bias is not None, fc2.bias is not None)
+    else:
+        fc1, fc2 = m.fc1, m.fc2
+        gated, gate_last, norm_first = False, True, False
+        drop = (m.drop1.p, m.drop2.p)
+        bias = (fc1.bias is not None, fc2.bias is not None)
+    use_conv = isinstance(fc1, nn.Conv2d)
+    if use_conv and (fc1.kernel_size != (1, 1) or fc1.groups != 1 or fc2.groups != 1):
+        raise ValueError(f"scheme_patch: layer '{name}' uses a non 1x1 or grouped conv; cannot patch it")
+    in_features = fc1.in_channels if use_conv else fc1.in_features
+    hidden = fc2.in_channels if use_conv else fc2.in_features
+    out_features = fc2.out_channels if use_conv else fc2.out_features
+    return _MlpSpec(
+        name=name, in_features=in_features, hidden_features=hidden, out_features=out_features,
+        use_conv=use_conv, gated=gated, gate_last=gate_last, norm_first=norm_first, bias=bias, drop=drop,
+        act=m.act, norm=m.norm, device=fc1.weight.device, dtype=fc1.weight.dtype)
+
+
+def _hidden_width(spec: _MlpSpec, config: SchemeConfig) -> int:
+    if config.expansion is None:
+        return spec.hidden_features
+    return int(round(config.expansion * spec.in_features))
+
+
+def _check_widths(spec: _MlpSpec, hidden: int, groups: int) -> None:
+    where = f"layer '{spec.name}' (in_features={spec.in_features}, out_features={spec.out_features})"
+    bad = [(n, w) for n, w in (("in_features", spec.in_features), ("out_features", spec.out_features)) if w % groups]
+    if bad:
+        fitting = _divisors_of_all(spec.in_features, spec.out_features)
+        raise ValueError(
+            f"scheme_patch: groups={groups} does not divide {bad[0][0]}={bad[0][1]} of {where}; "
+            f"groups that divide this layer's widths: {fitting}")
+    if hidden % groups:
+        ok = [e for e in (2, 3, 4, 6, 8, 12, 16) if int(round(e * spec.in_features)) % groups == 0]
+        raise ValueError(
+            f"scheme_patch: the hidden width {hidden} of {where} (from its expansion) is not divisible by "
+            f"groups={groups}; choose an expansion giving a multiple of {groups} hidden units "
+            f"(e.g. {ok[:4]}) or expansion=None to keep {spec.hidden_features}")
+
+
+def _divisors_of_all(*widths: int) -> List[int]:
+    return [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)][:8]
+
+
+def _build(spec: _MlpSpec, hidden: int, config: SchemeConfig) -> SchemeMlp:
+    use_cca = config.cca and spec.in_features == spec.out_features
+    new = SchemeMlp(
+        spec.in_features, hidden, spec.out_features,
+        act_layer=nn.Identity,
+        bias=spec.bias,
+        drop=spec.drop,
+        use_conv=spec.use_conv,
+        groups=config.groups,
+        gated=spec.gated,
+        gate_last=spec.gate_last,
+        norm_first=spec.norm_first,
+        cca=use_cca,
+        cca_scale=config.cca_scale(hidden),
+        cca_normalize=config.cca_scale_mode == "normalized",
+        alpha_init=config.alpha_init,
+        device=spec.device,
+        dtype=spec.dtype,
+    )
+    new.act = copy.deepcopy(spec.act)  # keeps learnable activations (e.g. StarReLU's scale and bias)
+    new.norm = _resized_norm(spec, hidden)
+    new.cca_skip_threshold = config.cca_skip_threshold
+    new.train(spec.act.training)
+    return new
+
+
+def _resized_norm(spec: _MlpSpec, hidden: int) -> nn.Module:
+    norm = spec.norm
+    if isinstance(norm, nn.Identity) or hidden == spec.hidden_features:
+        return copy.deepcopy(norm)
+    if isinstance(norm, nn.LayerNorm):
+        new = type(norm)(hidden, norm.eps, norm.elementwise_affine)
+    elif isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        new = type(norm)(hidden, norm.eps, norm.momentum, norm.affine, norm.track_running_stats)
+    elif isinstance(norm, nn.GroupNorm):
+        new = type(norm)(norm.num_groups, hidden, norm.eps, norm.affine)
+    else:
+        raise ValueError(
+            f"scheme_patch: layer '{spec.name}' has a hidden norm {type(norm).__name__} of width "
+            f"{spec.hidden_features} that cannot be resized to {hidden}; use expansion=None to keep the width")
+    return new.to(device=spec.device, dtype=spec.dtype)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
