@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import load_digits_tensors
-from .fuse import cca_weights, fuse_for_inference, scheme_mixers
+from .fuse import cca_anneal_limit, cca_weights, fuse_for_inference, scheme_mixers, set_cca_limit
 from .patch import find_mlps, scheme_patch
 from .stats import count_macs, count_mlp_params, count_params
 
@@ -21,13 +21,15 @@ from .stats import count_macs, count_mlp_params, count_params
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="deit_tiny_patch16_224", help="any timm model name")
     parser.add_argument("--img-size", type=int, default=32, help="digits are upsampled to this size")
-    parser.add_argument("--patch-size", type=int, default=4, help="passed to models that take it")
+    parser.add_argument("--patch-size", type=int, default=8, help="passed to models that take it")
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--expansion", type=float, default=8.0)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--anneal-start", type=float, default=0.5,
+                        help="fraction of training after which CCA is annealed to zero; 1 disables annealing")
 
 
 def build_model(name: str, img_size: int, patch_size: int, num_classes: int = 10) -> torch.nn.Module:
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"patched {len(scheme_mixers(model))} MLPs of {args.model} "
           f"(groups={args.groups}, expansion={args.expansion:g}); training {args.steps} steps on digits "
           f"({len(y_train)} train / {len(y_test)} test images, {args.img_size}px)")
-    train(model, x_train, y_train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    train(model, x_train, y_train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+          anneal_start=args.anneal_start)
 
     model.eval()
     with torch.no_grad():
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def train(model, x, y, *, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 50) -> None:
+def train(model, x, y, *, steps: int, batch_size: int, lr: float, seed: int, anneal_start: float = 1.0,
+          log_every: int = 50) -> None:
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -91,6 +95,8 @@ def train(model, x, y, *, steps: int, batch_size: int, lr: float, seed: int, log
     model.train()
     start = time.perf_counter()
     for step in range(1, steps + 1):
+        if anneal_start < 1.0:
+            set_cca_limit(model, cca_anneal_limit((step - 1) / steps, anneal_start))
         idx = torch.randint(len(y), (batch_size,), generator=generator)
         loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)

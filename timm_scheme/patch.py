@@ -21,6 +21,11 @@ _logger = logging.getLogger(__name__)
 FilterFn = Callable[[nn.Module, str], bool]
 # patched only when their forward is timm's own: a subclass that changes it is left alone
 SUPPORTED_MLP_TYPES = (Mlp, GluMlp, SwiGLU, ConvMlp)
+# timm modules that are MLPs over tokens, not channels (MLP-Mixer's token-mixing MLP)
+TOKEN_MIXER_NAMES = ("mlp_tokens",)
+# an MLP inside one of these is part of an attention or position-bias computation (e.g. Swin-V2-CR's
+# meta_mlp over 2-D offsets), not a block's channel mixer
+NON_MIXER_PARENTS = ("Attention", "Attn", "PosMlp", "PosBias")
 
 
 @dataclass
@@ -95,16 +100,27 @@ def scheme_patch(
 def find_mlps(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> List[Tuple[str, nn.Module]]:
     """The (name, module) pairs ``scheme_patch`` would replace."""
     head_prefixes = _classifier_prefixes(model)
+    excluded_prefixes = [n for n, m in model.named_modules() if n and _is_non_mixer_parent(type(m).__name__)]
     found = []
     for name, module in model.named_modules():
-        if not _is_supported(module):
+        if not _is_supported(module) or name.rpartition(".")[2] in TOKEN_MIXER_NAMES:
             continue
+        if any(name.startswith(p + ".") for p in excluded_prefixes):
+            continue
+        if not name:
+            raise ValueError(
+                f"scheme_patch: the model itself is a {type(module).__name__}; scheme_patch replaces MLPs "
+                "inside a model in place. Build a timm_scheme.SchemeMlp directly instead")
         if any(name == p or name.startswith(p + ".") for p in head_prefixes):
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
         found.append((name, module))
     return found
+
+
+def _is_non_mixer_parent(class_name: str) -> bool:
+    return class_name.endswith(NON_MIXER_PARENTS) and "Block" not in class_name
 
 
 def _is_supported(module: nn.Module) -> bool:

@@ -1,0 +1,28 @@
+"""Small, fast instances of the timm architectures the plugin must support."""
+import timm
+import torch
+
+# name -> (create_model kwargs, input image size): pretrained=False, small images keep them quick
+ARCHITECTURES = {
+    "deit_tiny_patch16_224": (dict(img_size=32, patch_size=8), 32),
+    "vit_small_patch16_224": (dict(img_size=32, patch_size=8), 32),
+    "swin_tiny_patch4_window7_224": (dict(img_size=56, window_size=7), 56),
+    "swinv2_tiny_window8_256": (dict(img_size=64, window_size=8), 64),
+    "poolformer_s12": ({}, 32),
+    "poolformerv2_s12": ({}, 32),
+    "convformer_s18": ({}, 32),
+    "caformer_s18": ({}, 64),
+    "eva02_tiny_patch14_224": (dict(img_size=56), 56),  # GluMlp (SwiGLUPacked)
+    "eva02_tiny_patch14_224.swiglu": (dict(img_size=56, scale_mlp=True), 56),  # SwiGLU with hidden LayerNorm
+    "mobilevitv2_050": ({}, 64),  # ConvMlp
+}
+
+
+def create(key: str, **extra) -> timm.models.VisionTransformer:
+    kwargs, _ = ARCHITECTURES[key]
+    return timm.create_model(key.split(".")[0], pretrained=False, num_classes=10, **kwargs, **extra)
+
+
+def example_input(key: str, batch: int = 2) -> torch.Tensor:
+    size = ARCHITECTURES[key][1]
+    return torch.randn(batch, 3, size, size)
