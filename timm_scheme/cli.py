@@ -10,6 +10,8 @@ from typing import List, Optional
 # sub-command -> (module defining add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "demo": ("timm_scheme.demo", "patch a timm model, train briefly on scikit-learn's digits, fuse, verify, report"),
+    "export": ("timm_scheme.export", "training checkpoint -> fused, verified timm checkpoint folder (+ Hugging Face Hub push)"),
+    "train": ("timm_scheme.train", "train a timm model with SCHEME mixers (timm's factories), then fuse, verify, export"),
 }
 
 

@@ -24,9 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-size", type=int, default=8, help="passed to models that take it")
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--expansion", type=float, default=8.0)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--anneal-start", type=float, default=0.5,
                         help="fraction of training after which CCA is annealed to zero; 1 disables annealing")

@@ -4,14 +4,33 @@ import math
 from typing import Optional, Tuple, Type, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .block_diagonal import BlockDiagonalConv1x1, BlockDiagonalLinear
+from .block_diagonal import (
+    BlockDiagonalConv1x1, BlockDiagonalLinear, block_diagonal_mlp, block_diagonal_mlp_nchw, nchw_on_tokens)
 from .cca import ChannelCovarianceAttention
+
+# activations that mix channels or draw random numbers: the fused kernels apply the activation one
+# group and one token tile at a time (and recompute it in backward), so these take the layered path
+_NOT_ELEMENTWISE = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn.RReLU, nn.MultiheadAttention)
+_ELEMENTWISE_MODULES = ('torch.nn.modules.activation', 'timm.layers.activations')
+_ELEMENTWISE_TYPES = ('timm.models.metaformer.StarReLU',)
 
 
 def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _is_elementwise(act: nn.Module) -> bool:
+    """A known activation type that maps every element on its own (scalar parameters at most)."""
+    if isinstance(act, _NOT_ELEMENTWISE):
+        return False
+    kind = type(act)
+    if not (isinstance(act, nn.Identity) or kind.__module__.startswith(_ELEMENTWISE_MODULES)
+            or f"{kind.__module__}.{kind.__qualname__}" in _ELEMENTWISE_TYPES):
+        return False
+    return all(t.numel() <= 1 for t in (*act.parameters(), *act.buffers()))
 
 
 class SchemeMlp(nn.Module):
@@ -89,15 +108,21 @@ class SchemeMlp(nn.Module):
             self.register_buffer('cca_limit', None)
         self.cca_skip_threshold = 0.0
         self.cca_in_eval = False  # set by fuse_for_inference to measure what fusing discards
+        # the last skip decision, a plain bool so torch.compile reads it without a host sync
+        self._cca_skipped = False
+        # training on CPU: recompute each hidden tile in backward instead of keeping the (tokens, hidden)
+        # activations; saves most of the mixer's activation memory for a few % more step time
+        self.recompute_hidden = False
 
     @property
     def has_cca(self) -> bool:
         return self.cca is not None
 
     def mixing_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(alpha, 1 - alpha) as float32 scalars, after the annealing limit."""
-        weights = torch.softmax(self.mix_logits.float(), dim=0)
-        cca_weight = weights[1] * self.cca_limit.float()
+        """(alpha, 1 - alpha) as scalars of at least float32, after the annealing limit."""
+        dtype = torch.promote_types(self.mix_logits.dtype, torch.float32)
+        weights = torch.softmax(self.mix_logits.to(dtype), dim=0)
+        cca_weight = weights[1] * self.cca_limit.to(dtype)
         return 1.0 - cca_weight, cca_weight
 
     def cca_weight(self) -> float:
@@ -115,8 +140,52 @@ class SchemeMlp(nn.Module):
         out = first * self.act(second) if self.gate_last else self.act(first) * second
         return out.flatten(dim, dim + 1)
 
+    def _act_maybe_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        # without autograd the fused kernels hand over a scratch tile: overwriting it saves an allocation
+        # and a pass over memory (about 10% of the fused MLP on CPU)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            kind = type(self.act)
+            if kind is nn.GELU:
+                return torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+            if kind in (nn.ReLU, nn.SiLU):
+                return torch.relu_(x) if kind is nn.ReLU else F.silu(x, inplace=True)
+        return self.act(x)
+
+    def _group_hidden(self, x: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
+        """Hidden units of one group from its slice of fc1's output (channels on `channel_dim`).
+        May overwrite `x` when autograd is off (the fused kernels pass a scratch tile)."""
+        if not self.gated:
+            return self._act_maybe_inplace(x)
+        first, second = x.chunk(2, dim=channel_dim)
+        if self.gate_last:
+            return first * self._act_maybe_inplace(second)
+        return self._act_maybe_inplace(first) * second
+
+    def _group_hidden_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group_hidden(x, channel_dim=1)
+
+    def _fused_kernel_ok(self) -> bool:
+        """The fused kernels run fc1 -> activation/gate -> fc2 per group: nothing may mix groups between
+        the projections (a hidden norm) nor be random (dropout while training) nor write in place."""
+        if not isinstance(self.norm, nn.Identity) or not _is_elementwise(self.act):
+            return False
+        if self.training and self.drop1.p > 0:
+            return False
+        return not getattr(self.act, 'inplace', False)
+
     def bd_mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The block-diagonal MLP branch alone."""
+        if self._fused_kernel_ok():
+            fc1, fc2 = self.fc1, self.fc2
+            act_params = tuple(self.act.parameters())
+            if self.use_conv:
+                hidden_fn = self._group_hidden if nchw_on_tokens(x) else self._group_hidden_nchw
+                x = block_diagonal_mlp_nchw(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, hidden_fn, act_params,
+                                            recompute=self.recompute_hidden)
+            else:
+                x = block_diagonal_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self._group_hidden, act_params,
+                                       recompute=self.recompute_hidden)
+            return self.drop2(x)
         x = self.fc1(x)
         if self.gated:
             x = self._glu(x)
@@ -134,17 +203,36 @@ class SchemeMlp(nn.Module):
         x = self.drop2(x)
         return x
 
+    def update_cca_skip(self) -> bool:
+        """Decide from the mixing weights (identical on every rank) whether training skips the CCA branch.
+        Eager forwards decide on every call; a torch.compile'd forward reuses the last decision (no host
+        sync, no graph break), which `train()` and this method refresh. Returns the decision."""
+        if self.cca is None or self.cca_skip_threshold <= 0:
+            self._cca_skipped = False
+        else:
+            with torch.no_grad():
+                self._cca_skipped = bool(self.mixing_weights()[1] < self.cca_skip_threshold)
+        return self._cca_skipped
+
+    def train(self, mode: bool = True) -> 'SchemeMlp':
+        super().train(mode)
+        if mode:
+            self.update_cca_skip()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bd_mlp(x)
         if self.cca is None:
             return y
         alpha, cca_weight = self.mixing_weights()
         use_cca = self.training or self.cca_in_eval
-        if use_cca and self.cca_skip_threshold > 0 and bool(cca_weight.detach() < self.cca_skip_threshold):
-            use_cca = False
+        if use_cca and self.cca_skip_threshold > 0:
+            use_cca = not (self._cca_skipped if torch.compiler.is_compiling() else self.update_cca_skip())
         if not use_cca:
             return alpha.to(y.dtype) * y
-        return alpha.to(y.dtype) * y + cca_weight.to(y.dtype) * self.cca(x)
+        # alpha = 1 - cca_weight, so this is alpha * y + cca_weight * CCA(x) in one fused pass (and a
+        # cheaper backward than two scalings and an add)
+        return torch.lerp(y, self.cca(x).to(y.dtype), cca_weight.to(y.dtype))
 
     @torch.no_grad()
     def fuse(self) -> 'SchemeMlp':

@@ -1,0 +1,177 @@
+"""Saving a SCHEME model as a timm Hub checkpoint folder, atomically."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Union
+
+from timm.models._hub import save_config_for_hf
+from timm.models._input import get_model_input_config
+from torch import nn
+
+from .card import model_card
+from .format import CARD_NAME, CONFIG_NAME, ENTRYPOINT, FORMAT_VERSION, WEIGHTS_NAME, CheckpointSpec, spec_of
+from .weights import safetensors_metadata, write_safetensors
+
+_logger = logging.getLogger(__name__)
+
+# pretrained_cfg entries describing the base architecture's published weights, not these
+_BASE_PROVENANCE = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes")
+
+
+def save_pretrained(
+        model: nn.Module,
+        save_directory: Union[str, os.PathLike],
+        *,
+        overwrite: bool = False,
+        base_architecture: Optional[str] = None,
+        base_model: Optional[str] = None,
+        license: Optional[str] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        repo_id: Optional[str] = None,
+) -> Path:
+    """Save a patched timm model (fused or not) as ``config.json`` + ``model.safetensors`` + ``README.md``.
+
+    The folder is written next to its destination and moved into place, so an interrupted save never leaves
+    a half-written checkpoint there. Load it back with ``timm.create_model('local-dir:<folder>', pretrained=True)``.
+
+    Args:
+        model: a model built by ``timm.create_model`` and patched by ``scheme_patch`` (optionally fused).
+        save_directory: the checkpoint folder; an existing one is replaced only with ``overwrite=True``.
+        base_architecture: the timm model name that was patched, when ``model.pretrained_cfg`` does not say.
+        base_model: the Hub id of the weights training started from (model card ``base_model``).
+        license: license of these weights (model card and ``pretrained_cfg``).
+        model_args: serialisable replacements for constructor arguments timm cannot record.
+        data_config: preprocessing to record, as for timm's ``save_for_hf``.
+        repo_id: the Hub repository named in the model card's usage example.
+    Returns:
+        The checkpoint folder.
+    """
+    spec = spec_of(model, base_architecture)
+    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
+        raise ValueError(
+            f"{type(model).__name__} has no pretrained_cfg; build the model with timm.create_model(...) so its "
+            "architecture and data config can be recorded")
+    target = Path(save_directory).expanduser().absolute()
+    from .. import __version__
+
+    with _atomic_folder(target, overwrite) as staging:
+        write_safetensors(model.state_dict(), staging / WEIGHTS_NAME, metadata={
+            "format": "pt",
+            "scheme_format_version": str(FORMAT_VERSION),
+            "timm_scheme_version": __version__,
+        })
+        config = _write_config(model, staging / CONFIG_NAME, spec, model_args=model_args, data_config=data_config,
+                               license=license)
+        input_size = config["pretrained_cfg"].get("input_size") or get_model_input_config(model)["input_size"]
+        card = model_card(model, spec, name=repo_id.split("/")[-1] if repo_id else target.name,
+                          input_size=input_size, repo_id=repo_id, base_model=base_model, license=license)
+        (staging / CARD_NAME).write_text(card, encoding="utf-8")
+        safetensors_metadata(staging / WEIGHTS_NAME)  # the file reads back before it replaces anything
+    size = (target / WEIGHTS_NAME).stat().st_size
+    _logger.info("saved %s SCHEME model (%s) to %s: %s (%.1f MB), %s, %s", "fused" if spec.fused else "unfused",
+                 spec.base_architecture, target, WEIGHTS_NAME, size / 2 ** 20, CONFIG_NAME, CARD_NAME)
+    return target
+
+
+def _write_config(model: nn.Module, path: Path, spec: CheckpointSpec, *, model_args: Optional[Dict[str, Any]],
+                  data_config: Optional[Dict[str, Any]], license: Optional[str]) -> Dict[str, Any]:
+    save_config_for_hf(
+        model, str(path),
+        model_config={"pretrained_cfg": {"architecture": ENTRYPOINT}},
+        model_args=dict(model_args or {}, scheme=spec.to_dict()),
+        data_config=data_config,
+    )
+    config = json.loads(path.read_text(encoding="utf-8"))
+    pretrained_cfg = config["pretrained_cfg"]
+    for key in _BASE_PROVENANCE:
+        pretrained_cfg.pop(key, None)
+    if license:
+        pretrained_cfg["license"] = license
+    CheckpointSpec.from_dict(config["model_args"]["scheme"])  # what a loader will read
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return config
+
+
+@contextlib.contextmanager
+def _atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``target``; on success it replaces ``target`` in one rename."""
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise FileExistsError(
+                f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it, or choose another "
+                "folder")
+        if not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a folder; remove it or choose another folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes it private; a checkpoint folder is not
+        yield staging
+        for item in staging.iterdir():
+            _fsync(item)
+        _fsync(staging)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    old = None
+    with _interrupts_deferred():
+        if target.exists() or target.is_symlink():
+            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(target, old)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        _fsync(target.parent)
+    if old is not None:
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C between the renames that swap folders, then deliver it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. folders on platforms that cannot open them
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
