@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
           anneal_start=args.anneal_start)
 
     model.eval()
+    learnt = {name: float(torch.softmax(m.mix_logits.detach().float(), 0)[1])
+              for name, m in scheme_mixers(model).items() if m.has_cca}
     with torch.no_grad():
         unfused_logits = model(x_test)
     fuse_for_inference(model, x_test[:64])
@@ -77,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"fused vs unfused eval  max relative difference {max_rel_diff:.2e}")
     print(f"CCA tensors left       {len(leftover)}")
     print(f"discarded by fusing    {report.summary()}")
-    print("per-layer 1 - alpha at fusing:")
+    print("per-layer 1 - alpha at fusing (learnt, and in effect after the annealing cap):")
     for name, weight in report.cca_weights.items():
-        print(f"  {name:40} {weight:.4f}")
+        print(f"  {name:40} {learnt[name]:.4f}  {weight:.4f}")
     ok = max_rel_diff <= 1e-5 and not leftover
     print("check: " + ("PASS" if ok else "FAIL") + " (fused equals unfused eval output within 1e-5)")
     return 0 if ok else 1
