@@ -211,6 +211,7 @@ def test_cca_limit_scales_the_cca_weight():
     mlp = SchemeMlp(8, 16, groups=2, alpha_init=0.6).train()
     mlp.cca_limit.fill_(0.5)
     assert math.isclose(mlp.cca_weight(), 0.2, rel_tol=1e-6)
+    assert math.isclose(mlp.cca_weight(learnt=True), 0.4, rel_tol=1e-6)  # the logits are untouched
     mlp.cca_limit.fill_(0.0)
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(mlp(x), mlp.bd_mlp(x))

@@ -7,15 +7,16 @@ import copy
 import math
 import time
 
-import timm
 from timm.optim import create_optimizer_v2
 import torch
 import torch.nn.functional as F
 
 from .data import load_digits_tensors
-from .fuse import cca_anneal_limit, cca_weights, fuse_for_inference, scheme_mixers, set_cca_limit
+from .fuse import (cca_anneal_limit, cca_weights, fuse_for_inference, max_relative_difference, scheme_mixers,
+                   set_cca_limit)
 from .patch import find_mlps, scheme_patch
 from .stats import count_macs, count_mlp_params, count_params
+from .train import create_with_optional
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_model(name: str, img_size: int, patch_size: int, num_classes: int = 10) -> torch.nn.Module:
-    kwargs = dict(pretrained=False, num_classes=num_classes, img_size=img_size)
-    try:
-        return timm.create_model(name, patch_size=patch_size, **kwargs)
-    except TypeError:  # the model takes no patch_size
-        return timm.create_model(name, **kwargs)
+    return create_with_optional(name, dict(num_classes=num_classes), dict(img_size=img_size, patch_size=patch_size))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,15 +54,14 @@ def run(args: argparse.Namespace) -> int:
           anneal_start=args.anneal_start)
 
     model.eval()
-    learnt = {name: float(torch.softmax(m.mix_logits.detach().float(), 0)[1])
-              for name, m in scheme_mixers(model).items() if m.has_cca}
+    learnt = cca_weights(model, learnt=True)
     with torch.no_grad():
         unfused_logits = model(x_test)
     fuse_for_inference(model, x_test[:64])
     report = model.scheme_fuse_report
     with torch.no_grad():
         fused_logits = model(x_test)
-    max_rel_diff = float((fused_logits - unfused_logits).abs().max() / unfused_logits.abs().max())
+    max_rel_diff = max_relative_difference(unfused_logits, fused_logits)
     leftover = [k for k in model.state_dict() if "mix_logits" in k or "cca" in k]
     after = dict(params=count_params(model), mlp_params=count_mlp_params(model, mlp_names),
                  macs=count_macs(model, input_size))

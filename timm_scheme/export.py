@@ -25,7 +25,7 @@ from timm.models._input import get_model_input_config
 from torch import nn
 
 from .config import CCA_SCALE_MODES, INIT_MODES, SchemeConfig
-from .fuse import fuse_for_inference, scheme_mixers
+from .fuse import fuse_for_inference, max_relative_difference, scheme_mixers
 from .io import save_pretrained
 from .io.format import CheckpointFormatError
 from .io.hub import push_folder_to_hub
@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         report = model.scheme_fuse_report
         with torch.no_grad():
             fused = model(x)
-        max_rel = float((fused - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+        max_rel = max_relative_difference(reference, fused)
         print(f"      max |fused - unfused| / max |unfused| = {max_rel:.2e} (tolerance {args.tolerance:g})")
         if not max_rel <= args.tolerance:
             print(f"error: the fused model differs from the unfused one by {max_rel:.2e} > {args.tolerance:g}; "

@@ -42,9 +42,15 @@ def scheme_mixers(model: nn.Module) -> Dict[str, SchemeMlp]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SchemeMlp)}
 
 
-def cca_weights(model: nn.Module) -> Dict[str, float]:
-    """Per layer, how much CCA still contributes (1 - alpha); only layers that still have CCA."""
-    return {name: m.cca_weight() for name, m in scheme_mixers(model).items() if m.has_cca}
+def cca_weights(model: nn.Module, *, learnt: bool = False) -> Dict[str, float]:
+    """Per layer, how much CCA still contributes (1 - alpha); only layers that still have CCA.
+    ``learnt=True`` gives the learnt values, before any annealing limit (``set_cca_limit``)."""
+    return {name: m.cca_weight(learnt) for name, m in scheme_mixers(model).items() if m.has_cca}
+
+
+def max_relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """max |other - reference| / max |reference|: how the fused model is checked against the unfused one."""
+    return float((other - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
 def set_cca_limit(model: nn.Module, limit: float) -> None:

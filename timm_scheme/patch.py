@@ -140,22 +140,19 @@ def _describe(name: str, m: nn.Module) -> _MlpSpec:
         fc1, fc2 = m.fc1_x, m.fc2
         gated, gate_last, norm_first = True, False, False
         drop = (m.drop1.p, m.drop2.p)
-        bias = (fc1.bias is not None, fc2.bias is not None)
     elif isinstance(m, GluMlp):
         fc1, fc2 = m.fc1, m.fc2
         gated, gate_last, norm_first = True, m.gate_last, False
         drop = (m.drop1.p, m.drop2.p)
-        bias = (fc1.bias is not None, fc2.bias is not None)
     elif isinstance(m, ConvMlp):
         fc1, fc2 = m.fc1, m.fc2
         gated, gate_last, norm_first = False, True, True
         drop = (m.drop.p, 0.0)
-        bias = (fc1.bias is not None, fc2.bias is not None)
     else:
         fc1, fc2 = m.fc1, m.fc2
         gated, gate_last, norm_first = False, True, False
         drop = (m.drop1.p, m.drop2.p)
-        bias = (fc1.bias is not None, fc2.bias is not None)
+    bias = (fc1.bias is not None, fc2.bias is not None)
     use_conv = isinstance(fc1, nn.Conv2d)
     if use_conv and (fc1.kernel_size != (1, 1) or fc1.groups != 1 or fc2.groups != 1):
         raise ValueError(f"scheme_patch: layer '{name}' uses a non 1x1 or grouped conv; cannot patch it")

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from .config import SchemeConfig
 from .data import load_digits_tensors
-from .fuse import cca_anneal_limit, cca_in_eval, fuse_for_inference, scheme_mixers, set_cca_limit
+from .fuse import (cca_anneal_limit, cca_in_eval, cca_weights, fuse_for_inference, max_relative_difference,
+                   scheme_mixers, set_cca_limit)
 from .io import save_pretrained
 from .patch import is_patched, scheme_patch
 from .stats import count_macs, count_params
@@ -184,7 +185,7 @@ def build_model(args: argparse.Namespace, num_classes: int,
     if args.data_dir is None and args.patch_size:
         optional["patch_size"] = args.patch_size
     optional = {k: v for k, v in optional.items() if k not in kwargs}
-    model = _create_with_optional(args.model, kwargs, optional)
+    model = create_with_optional(args.model, kwargs, optional)
 
     if args.no_scheme:
         _logger.info("training %s as timm builds it (--no-scheme)", args.model)
@@ -202,7 +203,7 @@ def build_model(args: argparse.Namespace, num_classes: int,
     return model
 
 
-def _create_with_optional(name: str, kwargs: Dict[str, Any], optional: Dict[str, Any]) -> nn.Module:
+def create_with_optional(name: str, kwargs: Dict[str, Any], optional: Dict[str, Any]) -> nn.Module:
     # img_size / patch_size exist on some architectures only: drop the ones a model rejects
     optional = dict(optional)
     while True:
@@ -218,15 +219,9 @@ def _create_with_optional(name: str, kwargs: Dict[str, Any], optional: Dict[str,
 
 def cca_state(model: nn.Module) -> Dict[str, Any]:
     """Per layer, the CCA weight in effect (1 - alpha after annealing) and the learnt one (before it)."""
-    effective, learnt = {}, {}
-    limit = None
-    for name, m in scheme_mixers(model).items():
-        if not m.has_cca:
-            continue
-        with torch.no_grad():
-            effective[name] = m.cca_weight()
-            learnt[name] = float(torch.softmax(m.mix_logits.float(), dim=0)[1])
-            limit = float(m.cca_limit)
+    effective, learnt = cca_weights(model), cca_weights(model, learnt=True)
+    limits = [float(m.cca_limit) for m in scheme_mixers(model).values() if m.has_cca]
+    limit = limits[-1] if limits else None
     mean = sum(effective.values()) / len(effective) if effective else 0.0
     return dict(cca_limit=limit, cca_weight_mean=mean, cca_weights=effective, cca_weights_learnt=learnt)
 
@@ -380,7 +375,7 @@ def finish(model: nn.Module, data: _Data, args: argparse.Namespace, history: Lis
     report = model.scheme_fuse_report
     with torch.no_grad():
         fused = model(verify_x)
-    max_rel = float((fused - unfused).abs().max() / unfused.abs().max().clamp_min(1e-12))
+    max_rel = max_relative_difference(unfused, fused)
     leftover = [k for k in model.state_dict() if "mix_logits" in k or "cca" in k]
     summary.update(
         fused=True, top1_fused=evaluate(model, data.eval_loader())[1], params_fused=count_params(model),

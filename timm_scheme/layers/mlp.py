@@ -125,11 +125,14 @@ class SchemeMlp(nn.Module):
         cca_weight = weights[1] * self.cca_limit.to(dtype)
         return 1.0 - cca_weight, cca_weight
 
-    def cca_weight(self) -> float:
-        """1 - alpha: how much the CCA branch contributes (0.0 once fused or without CCA)."""
+    def cca_weight(self, learnt: bool = False) -> float:
+        """1 - alpha: how much the CCA branch contributes (0.0 once fused or without CCA).
+        ``learnt=True`` gives the value the mixing logits hold, before the annealing limit."""
         if self.cca is None:
             return 0.0
         with torch.no_grad():
+            if learnt:
+                return float(torch.softmax(self.mix_logits.float(), dim=0)[1])
             return float(self.mixing_weights()[1])
 
     def _glu(self, x: torch.Tensor) -> torch.Tensor:
