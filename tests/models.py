@@ -1,6 +1,9 @@
 """Small, fast instances of the timm architectures the plugin must support."""
+from typing import Sequence, Union
+
 import timm
 import torch
+from torch import nn
 
 # name -> (create_model kwargs, input image size): pretrained=False, small images keep them quick
 ARCHITECTURES = {
@@ -26,3 +29,17 @@ def create(key: str, **extra) -> timm.models.VisionTransformer:
 def example_input(key: str, batch: int = 2) -> torch.Tensor:
     size = ARCHITECTURES[key][1]
     return torch.randn(batch, 3, size, size)
+
+
+def shallow(model: nn.Module, keep: Union[int, Sequence[int]] = 2) -> nn.Module:
+    """Keep the first `keep` blocks of every stage (each `blocks` Sequential, in order; one count for all or
+    one per stage): the same block types and stage structure, a fraction of the graph to trace (export and
+    compile time grow with the depth)."""
+    stages = [m for name, m in model.named_modules()
+              if name.rsplit(".", 1)[-1] == "blocks" and isinstance(m, nn.Sequential)]
+    counts = [keep] * len(stages) if isinstance(keep, int) else list(keep)
+    if len(counts) != len(stages):
+        raise ValueError(f"shallow: keep={keep} gives {len(counts)} counts for {len(stages)} stages")
+    for blocks, count in zip(stages, counts):
+        del blocks[count:]
+    return model

@@ -8,7 +8,7 @@ nbclient = pytest.importorskip("nbclient")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # checkpoints.ipynb needs a loopback Hub: tests/test_notebooks_checkpoints.py runs it
-NOTEBOOKS = [EXAMPLES / "quickstart.ipynb", EXAMPLES / "reproduction.ipynb"]
+NOTEBOOKS = [EXAMPLES / "quickstart.ipynb", EXAMPLES / "reproduction.ipynb", EXAMPLES / "dense_init.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

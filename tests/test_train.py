@@ -78,6 +78,15 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     for ra, rb in zip(a, b):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
         assert rb["cca_limit"] == pytest.approx(ra["cca_limit"])
+    # the same final weights (mixing logits included) and optimizer state, not just the same logged losses
+    final = [torch.load(d / "checkpoint.pth", map_location="cpu", weights_only=True) for d in (straight, parted)]
+    assert any(k.endswith("mix_logits") for k in final[0]["model"])
+    for key, tensor in final[0]["model"].items():
+        torch.testing.assert_close(final[1]["model"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    moments = [[s["exp_avg"] for s in f["optimizer"]["state"].values()] for f in final]
+    for a_moment, b_moment in zip(*moments):
+        torch.testing.assert_close(b_moment, a_moment, rtol=1e-4, atol=1e-7)
+    assert final[1]["scheduler"] == final[0]["scheduler"]
     # the annealing schedule ends at zero: fusing discards nothing of the trained function
     summary = json.loads((parted / "summary.json").read_text())
     assert b[-1]["cca_limit"] == 0.0 and summary["cca_weight_final"] == 0.0

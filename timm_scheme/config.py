@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 CCA_SCALE_MODES = ("hidden", "normalized")
-INIT_MODES = ("random",)
+INIT_MODES = ("random", "dense")
+DEFAULT_ALPHA_INIT = {"random": 0.5, "dense": 0.9}
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,13 @@ class SchemeConfig:
             does; ``"normalized"`` L2-normalises each channel over tokens and divides by
             ``cca_temperature``, which keeps the logits independent of the token count.
         cca_temperature: softmax temperature of the ``"normalized"`` mode.
-        alpha_init: initial weight of the BD-MLP branch; CCA starts at ``1 - alpha_init``.
+        alpha_init: initial weight of the BD-MLP branch; CCA starts at ``1 - alpha_init``. ``None`` picks
+            0.5 for ``init="random"`` and 0.9 for ``init="dense"``, where a large CCA share would disturb the
+            converted pretrained function during fine-tuning (measured in examples/results/dense_init.md).
         cca_skip_threshold: in training, a layer whose CCA weight is below this skips the CCA branch.
         fuse_warn_threshold: fusing warns about layers whose CCA weight is above this.
-        init: how the block-diagonal weights start (``"random"``).
+        init: how the block-diagonal weights start: ``"random"``, or ``"dense"`` to convert the pretrained
+            dense MLPs (hidden units assigned to groups to keep the most of them; see ``timm_scheme.convert``).
     """
 
     groups: int = 4
@@ -37,12 +41,14 @@ class SchemeConfig:
     cca: bool = True
     cca_scale_mode: str = "hidden"
     cca_temperature: float = 0.1
-    alpha_init: float = 0.5
+    alpha_init: Optional[float] = None
     cca_skip_threshold: float = 0.0
     fuse_warn_threshold: float = 0.01
     init: str = "random"
 
     def __post_init__(self):
+        if self.alpha_init is None:  # resolved here, so config.json records the value in effect
+            object.__setattr__(self, "alpha_init", DEFAULT_ALPHA_INIT.get(self.init, 0.5))
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
             raise ValueError(f"groups={self.groups!r}: expected a whole number >= 1 (e.g. 2, 4, 8)")
         if self.expansion is not None:

@@ -83,12 +83,18 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def train(model, x, y, *, steps: int, batch_size: int, lr: float, seed: int, anneal_start: float = 1.0,
-          log_every: int = 50) -> None:
+def short_schedule(model: torch.nn.Module, lr: float, steps: int):
+    """(optimizer, scheduler) of the short runs: timm's AdamW, 10% linear warm-up, then a cosine to 0."""
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return optimizer, scheduler
+
+
+def train(model, x, y, *, steps: int, batch_size: int, lr: float, seed: int, anneal_start: float = 1.0,
+          log_every: int = 50) -> None:
+    optimizer, scheduler = short_schedule(model, lr, steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()

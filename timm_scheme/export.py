@@ -2,7 +2,8 @@
 (``config.json`` + ``model.safetensors`` + ``README.md``), optionally pushed to the Hugging Face Hub.
 
     timm-scheme export --model deit_tiny_patch16_224 --groups 4 --expansion 8 \\
-        --checkpoint output/train/model_best.pth.tar --output out/scheme-deit-tiny [--push-to-hub org/name]
+        --checkpoint output/train/model_best.pth.tar --output out/scheme-deit-tiny [--push-to-hub org/name] \\
+        [--onnx out/scheme-deit-tiny.onnx]
 
 The checkpoint is read with ``torch.load(weights_only=True)``: timm's train-script format (a dict with
 ``state_dict`` / ``state_dict_ema``, its ``args`` allowed), a bare state dict, or a ``.safetensors`` file.
@@ -29,8 +30,9 @@ from .fuse import fuse_for_inference, max_relative_difference, scheme_mixers
 from .io import save_pretrained
 from .io.format import CheckpointFormatError
 from .io.hub import push_folder_to_hub
+from .io.onnx import OnnxVerificationError, export_onnx
 from .io.weights import check_state_dict, read_training_checkpoint
-from .patch import is_patched, scheme_patch
+from .patch import is_patched, patch_structure
 from .stats import count_macs, count_params
 
 _logger = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-ema", action="store_true", help="export the EMA weights (state_dict_ema)")
     parser.add_argument("--no-fuse", action="store_true",
                         help="export the unfused training form (CCA kept) instead of the fused inference form")
+    parser.add_argument("--onnx", default=None, metavar="PATH",
+                        help="also write the fused model as an ONNX file (dynamic batch, checked in onnxruntime; "
+                             "needs onnx, onnxscript, onnxruntime)")
     model = parser.add_argument_group("model (defaults: the checkpoint's training args, if any)")
     model.add_argument("--model", default=None, help="timm model name that was patched")
     model.add_argument("--num-classes", type=int, default=None,
@@ -76,11 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         logging.getLogger("timm").setLevel(logging.WARNING)  # its per-load messages; the steps say it all
+        logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per graph rewrite with --onnx
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # fuse_for_inference's warning is in the report
             return _run(args)
-    except (CheckpointFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (CheckpointFormatError, FileNotFoundError, FileExistsError, ValueError, ImportError,
+            OnnxVerificationError) as e:
         print(f"error: {e}")
         return 2
 
@@ -90,6 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.overwrite:  # fail before the slow part; save_pretrained checks it again
         raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
+    _check_onnx_option(args)
 
     _step(1, f"reading {args.checkpoint} (torch.load weights_only=True)")
     state_dict, info = read_training_checkpoint(args.checkpoint, use_ema=args.use_ema)
@@ -140,6 +148,9 @@ def _run(args: argparse.Namespace) -> int:
     if not same:
         print("error: the written checkpoint does not reproduce the model's outputs")
         return 1
+    if args.onnx:
+        onnx_path = export_onnx(model, args.onnx, input_size=input_size)
+        print(f"      wrote {onnx_path}: onnxruntime reproduces the model's outputs (batch dimension dynamic)")
 
     commit = None
     if args.push_to_hub:
@@ -169,6 +180,8 @@ def _run(args: argparse.Namespace) -> int:
                                     "the fused model differs from the training-time function there"))
     rows.append(("reload check", "bit-identical outputs"))
     rows += [(f"  {p.name}", f"{p.stat().st_size:,} bytes") for p in sorted(folder.iterdir())]
+    if args.onnx:
+        rows.append(("onnx", f"{args.onnx} ({Path(args.onnx).stat().st_size:,} bytes, checked in onnxruntime)"))
     rows.append(("written", str(folder)))
     if commit is not None:
         rows.append(("pushed", commit.pr_url or commit.commit_url))
@@ -180,6 +193,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_onnx_option(args: argparse.Namespace) -> None:
+    """Fail before the slow part: --onnx exports the fused model, and replaces a file only with --overwrite."""
+    if not args.onnx:
+        return
+    if args.no_fuse:
+        raise ValueError("--onnx exports the fused inference form; drop --no-fuse, or drop --onnx")
+    if Path(args.onnx).exists() and not args.overwrite:
+        raise FileExistsError(f"--onnx {args.onnx} already exists; pass --overwrite to replace it")
+
+
 def model_is_fused(model: nn.Module) -> bool:
     return not any(m.has_cca for m in scheme_mixers(model).values())
 
@@ -189,7 +212,7 @@ def _build(name: str, kwargs: Dict[str, Any], config: SchemeConfig, state_dict: 
     """The patched model the checkpoint was trained as, with its weights; and whether they were already fused."""
     model = timm.create_model(name, pretrained=False, **kwargs)
     if not is_patched(model):
-        scheme_patch(model, **config.to_dict())
+        patch_structure(model, config)
     has_logits = any(k.endswith("mix_logits") for k in state_dict)
     already_fused = not has_logits and any(m.has_cca for m in scheme_mixers(model).values())
     if already_fused:  # e.g. an earlier export: build the inference form it holds
@@ -268,6 +291,8 @@ def _add_option(group: argparse._ArgumentGroup, field: dataclasses.Field) -> Non
     elif field.name == "expansion":
         group.add_argument(flag, type=_float_or_none, default=None, metavar="E",
                            help=f"hidden units per input channel, or 'none' for each layer's width (default {default:g})")
+    elif default is None:  # alpha_init: its default depends on init
+        group.add_argument(flag, type=float, default=None, help="(default: SchemeConfig's for the init)")
     else:
         group.add_argument(flag, type=type(default), default=None, choices=_CHOICES.get(field.name),
                            help=f"(default {default})")

@@ -14,6 +14,7 @@ from torch import nn
 from timm.layers.mlp import ConvMlp, GluMlp, Mlp, SwiGLU
 
 from .config import SchemeConfig
+from .convert import CalibrationData, init_from_dense
 from .layers import SchemeMlp
 
 _logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def scheme_patch(
         expansion: Optional[float] = 8,
         *,
         filter_fn: Optional[FilterFn] = None,
+        calibration_data: Optional[CalibrationData] = None,
         **options,
 ) -> nn.Module:
     """Replace every channel-mixer MLP of a timm model with a SCHEME mixer, in place; returns the model.
@@ -66,9 +68,16 @@ def scheme_patch(
         groups: channel groups of the block-diagonal projections.
         expansion: hidden units per input channel; ``None`` keeps each layer's width.
         filter_fn: ``filter_fn(module, name) -> bool`` narrows which MLPs are replaced.
-        **options: any other field of :class:`SchemeConfig`.
+        calibration_data: with ``init="dense"``, images (a tensor, or an iterable of batches or
+            ``(images, targets)`` pairs) on which each layer's output error picks the hidden-unit assignment;
+            without it the assignment keeps the most weight energy.
+        **options: any other field of :class:`SchemeConfig`, e.g. ``init="dense"``.
+
+    With ``init="dense"`` the report of the conversion is kept on ``model.scheme_init_report``.
     """
     config = SchemeConfig.from_options(groups=groups, expansion=expansion, **options)
+    if calibration_data is not None and config.init != "dense":
+        raise ValueError(f"scheme_patch: calibration_data is used by init='dense' only (got init={config.init!r})")
     if is_patched(model):
         raise ValueError(
             f"scheme_patch: {type(model).__name__} is already patched "
@@ -85,6 +94,11 @@ def scheme_patch(
     for spec, hidden in plans:
         _check_widths(spec, hidden, config.groups)
     replacements = [(spec.name, _build(spec, hidden, config)) for spec, hidden in plans]
+    init_report = None
+    if config.init == "dense":  # reads the dense MLPs (and may run the model), so before any replacement
+        modules = dict(targets)
+        init_report = init_from_dense(
+            model, [(name, modules[name], new) for name, new in replacements], config.groups, calibration_data)
 
     for name, new in replacements:
         _set_submodule(model, name, new)
@@ -92,8 +106,19 @@ def scheme_patch(
     if without_cca:
         _logger.warning("SCHEME: CCA needs equal in/out widths; these layers run without it: %s", without_cca)
     model.scheme_config = config
+    if init_report is not None:
+        model.scheme_init_report = init_report
+        _logger.info("SCHEME init='dense': %s", init_report.summary())
     _logger.debug("SCHEME: replaced %d MLPs (groups=%d, expansion=%s)", len(replacements), config.groups,
                  config.expansion)
+    return model
+
+
+def patch_structure(model: nn.Module, config: SchemeConfig, filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Patch with ``config``'s structure only, for weights about to be loaded (no conversion of the
+    model's current weights); the model records ``config`` itself."""
+    scheme_patch(model, filter_fn=filter_fn, **{**config.to_dict(), "init": "random"})
+    model.scheme_config = config
     return model
 
 

@@ -3,9 +3,12 @@
     timm-scheme train                                  # ViT-Tiny on scikit-learn's digits, SCHEME g=4, E=8
     timm-scheme train --model schemeformer_ppaa_s12_224 --data-dir /data/imagenette --epochs 100
     timm-scheme train --cca-anneal-start 0.5           # drive 1 - alpha to zero over the second half
+    torchrun --standalone --nproc_per_node 2 -m timm_scheme.cli train   # DDP, one replica per process
 
 Writes to ``--output``: ``log.csv`` and ``log.json`` (per epoch: top-1, loss, lr, per-layer 1 - alpha),
 ``checkpoint.pth`` (resumable with ``--resume``), ``summary.json`` and ``export/`` (the fused model).
+Under torchrun every process trains a DistributedDataParallel replica on its shard of the data; rank 0
+alone writes.
 """
 from __future__ import annotations
 
@@ -23,9 +26,10 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from timm.data import Mixup, create_dataset, create_transform, resolve_model_data_config
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -36,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .config import SchemeConfig
 from .data import load_digits_tensors
+from .distributed import Processes, check_ranks_agree, end_processes, replicate, start_processes
 from .fuse import (cca_anneal_limit, cca_in_eval, cca_weights, fuse_for_inference, max_relative_difference,
                    scheme_mixers, set_cca_limit)
 from .io import save_pretrained
@@ -87,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=10)
-    optim.add_argument("--batch-size", type=int, default=64)
+    optim.add_argument("--batch-size", type=int, default=64,
+                       help="per process: under torchrun the global batch is this times the process count")
     optim.add_argument("--opt", default="adamw", help="timm optimizer name")
     optim.add_argument("--lr", type=float, default=2e-3)
     optim.add_argument("--weight-decay", type=float, default=0.05)
@@ -110,20 +116,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train, then fuse, verify and export; returns 0 when the fused model matches the unfused one."""
+    """Train, then fuse, verify and export; returns 0 when the fused model matches the unfused one.
+    Launched by torchrun with WORLD_SIZE > 1, each process trains one DDP replica and rank 0 alone writes."""
+    processes = start_processes()
+    try:
+        return _run(args, processes)
+    finally:
+        end_processes(processes)
+
+
+def _run(args: argparse.Namespace, processes: Processes) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cca_anneal_start is not None and not 0.0 <= args.cca_anneal_start < 1.0:
         raise SystemExit(f"--cca-anneal-start={args.cca_anneal_start}: expected a fraction in [0, 1)")
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    _seed_everything(args.seed)
+    if processes.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        logging.getLogger("timm_scheme").setLevel(logging.WARNING)  # rank 0 tells the story once
+    _seed_everything(args.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
 
-    data = _load_data(args)
+    data = _load_data(args, processes)
     model = build_model(args, data.num_classes, data.input_size)
     if data.needs_model_transforms:
         data.attach_transforms(model, args)
     recorded_args = _recorded_args(args, model)
+    recorded_args["world_size"] = processes.world_size
+    model.to(processes.device)
     mixers = scheme_mixers(model)
     annealing = args.cca_anneal_start is not None and any(m.has_cca for m in mixers.values())
 
@@ -139,24 +159,32 @@ def run(args: argparse.Namespace) -> int:
     history: List[Dict[str, Any]] = []
     start_epoch = 0
     if args.resume:
-        start_epoch, history = _load_checkpoint(args.resume, model, optimizer, scheduler)
+        start_epoch, history = _load_checkpoint(args.resume, model, optimizer, scheduler, processes.world_size)
         _logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
+    replica = replicate(model, processes)
 
     total_updates = args.epochs * updates_per_epoch
     for epoch in range(start_epoch, args.epochs):
-        _seed_everything(args.seed * 10_000 + epoch)  # a resumed run repeats the uninterrupted one
+        # a resumed run repeats the uninterrupted one; ranks draw different augmentations and dropout
+        _seed_everything(processes.rank_seed(args.seed * 10_000 + epoch))
         started = time.perf_counter()
         train_loss = _train_one_epoch(
-            model, data.train_loader(args.seed * 10_000 + epoch), optimizer, scheduler, train_loss_fn, mixup,
+            replica, data.train_loader(epoch), optimizer, scheduler, train_loss_fn, mixup,
             data.batch_augment, epoch=epoch, updates_per_epoch=updates_per_epoch, total_updates=total_updates,
             anneal_start=args.cca_anneal_start if annealing else None, clip_grad=args.clip_grad,
-            progress=not args.no_progress, desc=f"epoch {epoch + 1}/{args.epochs}")
-        eval_loss, top1 = evaluate(model, data.eval_loader())
+            progress=not args.no_progress and processes.is_main, desc=f"epoch {epoch + 1}/{args.epochs}",
+            device=processes.device)
+        train_loss = processes.mean(train_loss)
+        # the unwrapped model: evaluation needs no gradient sync, and the ranks' shards may differ in batches
+        eval_loss, top1 = evaluate(model, data.eval_loader(shard=processes.distributed),
+                                   across_processes=processes.distributed)
+        check_ranks_agree(model, processes)
         record = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], train_loss=train_loss,
                       eval_loss=eval_loss, top1=top1, time_s=time.perf_counter() - started, **cca_state(model))
         history.append(record)
-        _write_logs(out, recorded_args, history)
-        _save_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, epoch + 1, history, recorded_args)
+        if processes.is_main:
+            _write_logs(out, recorded_args, history)
+            _save_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, epoch + 1, history, recorded_args)
         _logger.info("epoch %d/%d  train loss %.4f  eval loss %.4f  top-1 %.2f%%  mean 1-alpha %.4f  %.1fs",
                      epoch + 1, args.epochs, train_loss, eval_loss, top1, record["cca_weight_mean"],
                      record["time_s"])
@@ -165,6 +193,12 @@ def run(args: argparse.Namespace) -> int:
                          epoch + 1, args.epochs, out / CHECKPOINT)
             return 0
 
+    # the process group ends with training: fusing, verifying and exporting one copy of the weights is rank
+    # 0's alone, and no rank should sit in a collective while rank 0 evaluates
+    end_processes(processes, wait=True)
+    if not processes.is_main:
+        return 0
+    model.to("cpu")
     summary = finish(model, data, args, history)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _logger.info("summary written to %s", out / "summary.json")
@@ -232,23 +266,40 @@ class _Data:
     """Loaders for one run: scikit-learn's digits held in memory, or a timm image folder."""
 
     def __init__(self, train: Dataset, eval_set: Dataset, num_classes: int, input_size: Tuple[int, int, int],
-                 batch_size: int, workers: int = 0, batch_augment=None, needs_model_transforms: bool = False):
+                 batch_size: int, workers: int = 0, batch_augment=None, needs_model_transforms: bool = False,
+                 seed: int = 0, processes: Optional[Processes] = None):
         self.train, self.eval_set = train, eval_set
         self.num_classes, self.input_size = num_classes, input_size
         self.batch_size, self.workers = batch_size, workers
+        self.seed = seed
+        self.processes = processes or Processes()
         self.batch_augment = batch_augment
         self.needs_model_transforms = needs_model_transforms
         self.data_config: Optional[Dict[str, Any]] = None  # the preprocessing an export records
 
-    def train_loader(self, seed: int) -> DataLoader:
-        # drop_last keeps batches even (mixup needs it) and the step count fixed
-        drop_last = len(self.train) >= 2 * self.batch_size
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=drop_last,
-                          num_workers=self.workers, generator=torch.Generator().manual_seed(seed))
+    def train_loader(self, epoch: int) -> DataLoader:
+        """This epoch's shuffled batches: all of them alone, this rank's share under torchrun."""
+        if not self.processes.distributed:
+            # drop_last keeps batches even (mixup needs it) and the step count fixed
+            drop_last = len(self.train) >= 2 * self.batch_size
+            return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=drop_last,
+                              num_workers=self.workers,
+                              generator=torch.Generator().manual_seed(self.seed * 10_000 + epoch))
+        # every rank shuffles alike and takes its own equal share (padded by repeats), so all ranks make the
+        # same number of steps, which DDP needs; set_epoch reshuffles each epoch, reproducibly on --resume
+        sampler = DistributedSampler(self.train, num_replicas=self.processes.world_size,
+                                     rank=self.processes.rank, shuffle=True, seed=self.seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler,
+                          drop_last=len(sampler) >= 2 * self.batch_size, num_workers=self.workers)
 
-    def eval_loader(self) -> DataLoader:
-        return DataLoader(self.eval_set, batch_size=max(self.batch_size, 256), shuffle=False,
-                          num_workers=self.workers)
+    def eval_loader(self, shard: bool = False) -> DataLoader:
+        """The evaluation images; with `shard`, this rank's every world_size-th one (no repeats: the ranks'
+        sums add up to the exact totals)."""
+        images = self.eval_set
+        if shard:
+            images = Subset(images, range(self.processes.rank, len(images), self.processes.world_size))
+        return DataLoader(images, batch_size=max(self.batch_size, 256), shuffle=False, num_workers=self.workers)
 
     def attach_transforms(self, model: nn.Module, args: argparse.Namespace) -> None:
         config = resolve_model_data_config(model, args=dict(input_size=self.input_size) if self.input_size else None)
@@ -259,13 +310,13 @@ class _Data:
         self.eval_set.transform = create_transform(**config)
 
 
-def _load_data(args: argparse.Namespace) -> _Data:
+def _load_data(args: argparse.Namespace, processes: Optional[Processes] = None) -> _Data:
     if args.data_dir is None:
         img_size = args.img_size or 16
         x_train, y_train, x_test, y_test = load_digits_tensors(img_size, in_chans=3, seed=args.split_seed)
         erase = RandomErasing(args.reprob, mode="pixel", device="cpu") if args.reprob > 0 else None
         data = _Data(TensorDataset(x_train, y_train), TensorDataset(x_test, y_test), 10, (3, img_size, img_size),
-                     args.batch_size, batch_augment=erase)
+                     args.batch_size, batch_augment=erase, seed=args.seed, processes=processes)
         # load_digits_tensors: 8x8 images in [0, 1], bilinear resize, normalised with mean = std = 0.5
         data.data_config = dict(input_size=(3, img_size, img_size), mean=(0.5,) * 3, std=(0.5,) * 3,
                                 interpolation="bilinear", crop_pct=1.0)
@@ -278,7 +329,7 @@ def _load_data(args: argparse.Namespace) -> _Data:
     # without --img-size, the input size is the model's own, known once it is built (attach_transforms)
     input_size = (3, args.img_size, args.img_size) if args.img_size else None
     return _Data(train, eval_set, num_classes, input_size, args.batch_size, workers=args.workers,
-                 needs_model_transforms=True)
+                 needs_model_transforms=True, seed=args.seed, processes=processes)
 
 
 def _mixup(args: argparse.Namespace, num_classes: int) -> Optional[Mixup]:
@@ -292,7 +343,8 @@ def _mixup(args: argparse.Namespace, num_classes: int) -> Optional[Mixup]:
 
 def _train_one_epoch(model, loader: Iterable, optimizer, scheduler, loss_fn, mixup, batch_augment, *, epoch: int,
                      updates_per_epoch: int, total_updates: int, anneal_start: Optional[float],
-                     clip_grad: Optional[float], progress: bool, desc: str) -> float:
+                     clip_grad: Optional[float], progress: bool, desc: str,
+                     device: torch.device = torch.device("cpu")) -> float:
     model.train()
     losses = []
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
@@ -304,6 +356,7 @@ def _train_one_epoch(model, loader: Iterable, optimizer, scheduler, loss_fn, mix
             x = batch_augment(x)
         if mixup is not None:
             x, y = mixup(x, y)
+        x, y = x.to(device), y.to(device)  # augmented where the data lives (RandomErasing is set up on CPU)
         loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -319,17 +372,24 @@ def _train_one_epoch(model, loader: Iterable, optimizer, scheduler, loss_fn, mix
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable) -> Tuple[float, float]:
-    """(cross-entropy, top-1 %) of the model in eval mode."""
+def evaluate(model: nn.Module, loader: Iterable, *, across_processes: bool = False) -> Tuple[float, float]:
+    """(cross-entropy, top-1 %) of the model in eval mode, on the device of its parameters.
+    ``across_processes``: the loader holds this rank's shard; the totals are summed over all ranks."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, correct, loss_sum = 0, 0, 0.0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
         total += len(y)
     model.train(was_training)
+    if across_processes:
+        sums = torch.tensor([loss_sum, correct, total], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        loss_sum, correct, total = float(sums[0]), int(sums[1]), int(sums[2])
     return loss_sum / max(total, 1), 100.0 * correct / max(total, 1)
 
 
@@ -467,10 +527,16 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, histor
     os.replace(tmp, path)  # never leave a half-written checkpoint behind
 
 
-def _load_checkpoint(path: str, model, optimizer, scheduler) -> Tuple[int, List[Dict[str, Any]]]:
+def _load_checkpoint(path: str, model, optimizer, scheduler,
+                     world_size: int = 1) -> Tuple[int, List[Dict[str, Any]]]:
     if not Path(path).is_file():
         raise SystemExit(f"--resume {path}: no such checkpoint")
     state = torch.load(path, map_location="cpu", weights_only=True)  # no pickle of arbitrary objects
+    saved_world_size = state.get("args", {}).get("world_size", 1)
+    if saved_world_size != world_size:  # --batch-size is per process: the schedule's step count would change
+        raise SystemExit(
+            f"--resume {path}: written by a run of {saved_world_size} process(es), this one has {world_size}; "
+            f"resume with {saved_world_size} (torchrun --nproc_per_node {saved_world_size}, or no torchrun for 1)")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

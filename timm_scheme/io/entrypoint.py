@@ -19,7 +19,7 @@ from timm.models._hub import hf_split
 from torch import nn
 
 from ..fuse import scheme_mixers
-from ..patch import is_patched, scheme_patch
+from ..patch import is_patched, patch_structure
 from .format import ENTRYPOINT, WEIGHTS_NAME, CheckpointFormatError, CheckpointSpec
 from .weights import DIGEST_KEY, check_digest, check_state_dict, safetensors_metadata
 
@@ -94,7 +94,7 @@ def _patch_like(model: nn.Module, spec: CheckpointSpec, filter_fn: Optional[Call
     else:
         if filter_fn is None and spec.modules is not None:
             filter_fn = lambda module, name: name in spec.modules  # noqa: E731
-        scheme_patch(model, filter_fn=filter_fn, **spec.config.to_dict())
+        patch_structure(model, spec.config, filter_fn)
     if spec.fused:
         for mixer in scheme_mixers(model).values():
             mixer.fuse()

@@ -31,13 +31,15 @@ class _CovarianceAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # saved_tensors is read once: under non-reentrant activation checkpointing (timm's
+        # set_grad_checkpointing) a second read raises "Unpack is being triggered ... already unpacked once"
+        tokens, keys, attn = ctx.saved_tensors
         # a backward() called under autocast must not lower these products (attn is float32)
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
-            return _CovarianceAttention._backward(ctx, grad_out.to(ctx.saved_tensors[2].dtype))
+            return _CovarianceAttention._backward(ctx, grad_out.to(attn.dtype), tokens, keys, attn)
 
     @staticmethod
-    def _backward(ctx, grad_out):
-        tokens, keys, attn = ctx.saved_tensors
+    def _backward(ctx, grad_out, tokens, keys, attn):
         channels_last = ctx.channels_last
         grad = grad_out.transpose(1, 2) if channels_last else grad_out   # channels-first view
         grad_attn = torch.bmm(grad, tokens.transpose(1, 2))              # dA = G X^T

@@ -11,6 +11,11 @@ from .block_diagonal import (
     BlockDiagonalConv1x1, BlockDiagonalLinear, block_diagonal_mlp, block_diagonal_mlp_nchw, nchw_on_tokens)
 from .cca import ChannelCovarianceAttention
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch builds without distributed support
+    DTensor = None
+
 # activations that mix channels or draw random numbers: the fused kernels apply the activation one
 # group and one token tile at a time (and recompute it in backward), so these take the layered path
 _NOT_ELEMENTWISE = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn.RReLU, nn.MultiheadAttention)
@@ -20,6 +25,11 @@ _ELEMENTWISE_TYPES = ('timm.models.metaformer.StarReLU',)
 
 def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _is_sharded(t: Optional[torch.Tensor]) -> bool:
+    """A parameter split across ranks (a DTensor, as FSDP2's fully_shard leaves it between forwards)."""
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def _is_elementwise(act: nn.Module) -> bool:
@@ -219,7 +229,9 @@ class SchemeMlp(nn.Module):
 
     def train(self, mode: bool = True) -> 'SchemeMlp':
         super().train(mode)
-        if mode:
+        # FSDP2 shards the logits between forwards: reading them here would be a collective that a rank calling
+        # train() alone would hang in, so the next eager forward decides instead (with the logits gathered)
+        if mode and not _is_sharded(self.mix_logits):
             self.update_cca_skip()
         return self
 

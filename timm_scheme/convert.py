@@ -1,0 +1,502 @@
+"""Start a SCHEME mixer from a pretrained dense MLP (``scheme_patch(..., init="dense")``).
+
+A dense MLP's hidden units may be permuted freely (rows of fc1 with the matching columns of fc2). Each
+unit is assigned to one group, balanced across groups, so that the most of the pretrained function falls
+inside the diagonal blocks; the kept blocks are copied. Units beyond the original width start silent
+(their fc2 columns zero); with fewer units the least useful ones are dropped by the same assignment.
+
+Knows dense timm MLPs and SchemeMlp; nothing about files.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from timm.layers.mlp import ConvMlp, GluMlp, SwiGLU
+
+from .layers import SchemeMlp
+
+_logger = logging.getLogger(__name__)
+CalibrationData = Union[torch.Tensor, Iterable]
+_TOKEN_CHUNK = 4096  # tokens per calibration pass: keeps the (tokens, hidden) scratch small on big models
+
+
+@dataclass
+class DenseMlpWeights:
+    """A dense MLP as plain tensors. Gated MLPs keep both halves of fc1, as SchemeMlp packs them:
+    ``first`` and ``second`` (``value * act(gate)`` or ``act(gate) * value``, by ``gate_last``)."""
+    fc1_first: torch.Tensor                # (hidden, in)
+    fc1_second: Optional[torch.Tensor]     # (hidden, in) for gated MLPs
+    bias1_first: Optional[torch.Tensor]
+    bias1_second: Optional[torch.Tensor]
+    fc2: torch.Tensor                      # (out, hidden)
+    bias2: Optional[torch.Tensor]
+
+    @property
+    def hidden_features(self) -> int:
+        return self.fc2.shape[1]
+
+    def fc1_rows(self) -> torch.Tensor:
+        """(hidden, in) or (hidden, 2, in): everything fc1 holds for each hidden unit."""
+        if self.fc1_second is None:
+            return self.fc1_first
+        return torch.stack([self.fc1_first, self.fc1_second], dim=1)
+
+
+@dataclass
+class LayerInit:
+    """How one layer was started: which original hidden unit fills each slot of each group (-1 = a new,
+    silent unit) and the share of the pretrained weight energy the blocks keep, against the naive
+    "diagonal blocks in the original order" conversion."""
+    units: List[List[int]]
+    retained_energy: float
+    diagonal_energy: float
+    objective: str
+    refit: bool = False  # fc2 blocks refit to the dense outputs on calibration images
+
+
+@dataclass
+class InitReport:
+    """Per-layer record of ``init="dense"``, kept on ``model.scheme_init_report``."""
+    layers: Dict[str, LayerInit] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        if not self.layers:
+            return "no layers converted"
+        kept = [v.retained_energy for v in self.layers.values()]
+        naive = [v.diagonal_energy for v in self.layers.values()]
+        return (f"{len(kept)} layers; weight energy kept in the blocks: {sum(kept) / len(kept):.3f} "
+                f"(diagonal blocks in the original order: {sum(naive) / len(naive):.3f})")
+
+
+def dense_weights(module: nn.Module, name: str = "") -> DenseMlpWeights:
+    """The weights of a timm Mlp / GluMlp / SwiGLU / ConvMlp as (out, in) matrices."""
+    if isinstance(module, SwiGLU):
+        # SwiGLU computes act(fc1_g(x)) * fc1_x(x): the gate comes first, as SchemeMlp(gate_last=False) packs it
+        first, second = module.fc1_g, module.fc1_x
+    else:
+        first, second = module.fc1, None
+    tensors = [first.weight, module.fc2.weight] + ([second.weight] if second is not None else [])
+    for t in tensors:
+        if t.is_meta or not torch.isfinite(t).all():
+            raise ValueError(
+                f"scheme_patch(init='dense'): layer '{name}' has no weights to convert ("
+                f"{'meta-device' if t.is_meta else 'non-finite'} tensor of shape {tuple(t.shape)}); load the "
+                "pretrained weights first (timm.create_model(..., pretrained=True)) or use init='random'")
+    w1, b1 = _matrix(first.weight), first.bias
+    w2, b2 = _matrix(module.fc2.weight), module.fc2.bias
+    if second is not None:
+        return DenseMlpWeights(w1, _matrix(second.weight), b1, second.bias, w2, b2)
+    if isinstance(module, GluMlp):
+        hidden = w1.shape[0] // 2
+        halves_b = (None, None) if b1 is None else (b1[:hidden], b1[hidden:])
+        return DenseMlpWeights(w1[:hidden], w1[hidden:], halves_b[0], halves_b[1], w2, b2)
+    return DenseMlpWeights(w1, None, b1, None, w2, b2)
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().reshape(weight.shape[0], weight.shape[1])  # 1x1 conv (out, in, 1, 1) -> (out, in)
+
+
+# --- which unit goes where -----------------------------------------------------------------------------
+
+def energy_scores(weights: DenseMlpWeights, groups: int) -> torch.Tensor:
+    """(hidden, groups): share of fc1's and of fc2's squared weights that unit h keeps inside group k's
+    block, averaged over the two projections (so the total over a full assignment lies in [0, 1])."""
+    rows = weights.fc1_rows().float()
+    w2 = weights.fc2.float()
+    hidden, c_in, c_out = w2.shape[1], rows.shape[-1], w2.shape[0]
+    fc1_in_group = rows.pow(2).reshape(hidden, -1, groups, c_in // groups).sum(dim=(1, 3))
+    fc2_in_group = w2.pow(2).reshape(groups, c_out // groups, hidden).sum(dim=1).t()
+    return 0.5 * (fc1_in_group / rows.pow(2).sum().clamp_min(1e-30)
+                  + fc2_in_group / w2.pow(2).sum().clamp_min(1e-30))
+
+
+def assign_units(scores: torch.Tensor, slots: List[int]) -> List[List[int]]:
+    """The assignment of hidden units (rows of ``scores``) to groups that maximises the total score, with
+    exactly ``slots[k]`` units in group k; with fewer slots than units, the lowest-scoring units are left out.
+    Exact (a balanced assignment problem solved as a rectangular linear assignment)."""
+    hidden, groups = scores.shape
+    if len(slots) != groups or sum(slots) > hidden:
+        raise ValueError(f"assign_units: slots {slots} do not fit {hidden} units in {groups} groups")
+    columns = torch.repeat_interleave(torch.arange(groups), torch.tensor(slots))
+    profit = scores.double()[:, columns].cpu().numpy()
+    unit_of_row, slot_of_row = linear_sum_assignment(profit, maximize=True)
+    units: List[List[int]] = [[] for _ in range(groups)]
+    for unit, slot in sorted(zip(unit_of_row.tolist(), slot_of_row.tolist())):
+        units[int(columns[slot])].append(unit)
+    return units
+
+
+def diagonal_units(hidden: int, slots: List[int]) -> List[List[int]]:
+    """The naive conversion: units in their original order, cut into consecutive groups."""
+    units, start = [], 0
+    for n in slots:
+        units.append(list(range(start, min(start + n, hidden))))
+        start += n
+    return units
+
+
+def original_unit_slots(hidden_old: int, hidden_new: int, groups: int) -> List[int]:
+    """How many original units each group keeps: all of them, spread evenly, when the new width is at
+    least the old one; otherwise hidden_new / groups each."""
+    if hidden_new < hidden_old:
+        return [hidden_new // groups] * groups
+    base, extra = divmod(hidden_old, groups)
+    return [base + (k < extra) for k in range(groups)]
+
+
+def total_score(scores: torch.Tensor, units: List[List[int]]) -> float:
+    return float(sum(scores[u, k].sum() for k, u in enumerate(units) if u))
+
+
+# --- calibration: the layer's output error on real activations ---------------------------------------
+
+class OutputErrorStats:
+    """Per (unit, group) statistics of one layer's hidden activations on calibration tokens, from which
+    ``scores()`` gives minus the error each unit adds to the layer output when cut to one group's block."""
+
+    def __init__(self, mlp: nn.Module, weights: DenseMlpWeights, groups: int):
+        self.mlp, self.weights, self.groups = mlp, weights, groups
+        hidden = weights.hidden_features
+        self.full_sq = torch.zeros(hidden, dtype=torch.float64)
+        self.cross = torch.zeros(hidden, groups, dtype=torch.float64)
+        self.block_sq = torch.zeros(hidden, groups, dtype=torch.float64)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, tokens: torch.Tensor) -> None:
+        """Add (tokens, in_features) inputs of the layer."""
+        for chunk in tokens.float().split(_TOKEN_CHUNK):
+            self._add_chunk(chunk)
+
+    def _add_chunk(self, x: torch.Tensor) -> None:
+        c_in = x.shape[1]
+        full = self._hidden(x, slice(None))
+        self.full_sq += full.double().pow(2).sum(0).cpu()
+        size = c_in // self.groups
+        for k in range(self.groups):
+            part = self._hidden(x, slice(k * size, (k + 1) * size))
+            self.cross[:, k] += (full * part).double().sum(0).cpu()
+            self.block_sq[:, k] += part.double().pow(2).sum(0).cpu()
+        self.tokens += x.shape[0]
+
+    def _hidden(self, x: torch.Tensor, cols: slice) -> torch.Tensor:
+        """Hidden activations using only input channels ``cols`` (all of fc1's biases)."""
+        w = self.weights
+        first = F.linear(x[:, cols], w.fc1_first[:, cols].float(), _float(w.bias1_first))
+        if w.fc1_second is None:
+            if isinstance(self.mlp, ConvMlp):  # norm (BatchNorm, per unit) before the activation
+                first = self.mlp.norm(first[:, :, None, None].to(w.fc1_first.dtype)).float().flatten(1)
+            return self.mlp.act(first.to(w.fc1_first.dtype)).float()
+        second = F.linear(x[:, cols], w.fc1_second[:, cols].float(), _float(w.bias1_second))
+        act = self.mlp.act
+        if isinstance(self.mlp, GluMlp) and self.mlp.gate_last:
+            return first * act(second.to(w.fc1_first.dtype)).float()
+        return act(first.to(w.fc1_first.dtype)).float() * second
+
+    def scores(self) -> torch.Tensor:
+        """(hidden, groups): minus the mean squared output error of unit h kept in group k's block only."""
+        if not self.tokens:
+            raise ValueError("calibration_data reached no token of this layer")
+        w2 = self.weights.fc2.double().cpu().pow(2)
+        full_norm = w2.sum(0)                                           # ||fc2[:, h]||^2
+        block_norm = w2.reshape(self.groups, -1, w2.shape[1]).sum(1).t()  # ||fc2[O_k, h]||^2
+        error = (full_norm * self.full_sq)[:, None] - block_norm * (2 * self.cross - self.block_sq)
+        return -(error / self.tokens).float()
+
+
+def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float()
+
+
+def calibration_batches(data: CalibrationData) -> List[torch.Tensor]:
+    """The calibration images as a list of batches (read once: the conversion passes over them twice)."""
+    if isinstance(data, torch.Tensor):
+        return [data]
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise ValueError(
+            f"calibration_data: expected a tensor of images or an iterable of batches (tensors or "
+            f"(images, targets) pairs), got {type(data).__name__}") from None
+    batches = []
+    for batch in iterator:
+        if isinstance(batch, (tuple, list)) and batch:
+            batch = batch[0]
+        if not isinstance(batch, torch.Tensor):
+            raise ValueError(f"calibration_data: a batch is a {type(batch).__name__}, expected a tensor of images")
+        batches.append(batch)
+    if not batches:
+        raise ValueError("calibration_data holds no batch; pass a few hundred images or leave it out")
+    return batches
+
+
+@torch.no_grad()
+def run_dense_layers(model: nn.Module, layers: Dict[str, nn.Module], batches: List[torch.Tensor],
+                     consume: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+    """Run the (still dense) model in eval mode on every batch, handing each layer's (input, output) tokens,
+    channels last, to ``consume(name, x, y)``."""
+    def hook(module, args, output, name):
+        channel_dim = 1 if _is_conv(module) else args[0].dim() - 1
+        consume(name, _tokens(args[0], channel_dim), _tokens(output, channel_dim))
+
+    hooks = [m.register_forward_hook(functools.partial(hook, name=name)) for name, m in layers.items()]
+    seen = set()
+    counter = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.add(name)) for name, m in layers.items()]
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        for i, batch in enumerate(batches):
+            try:
+                model(batch.to(device))
+            except Exception as error:  # noqa: BLE001 - re-raised with what the user passed
+                raise ValueError(
+                    f"scheme_patch(init='dense'): calibration batch {i} of shape {tuple(batch.shape)} does not "
+                    f"run through {type(model).__name__}: {error}") from error
+    finally:
+        for h in hooks + counter:
+            h.remove()
+        model.train(was_training)
+    missing = sorted(set(layers) - seen)
+    if missing:
+        raise ValueError(f"scheme_patch(init='dense'): calibration_data never reached layer(s) {missing[:3]}")
+
+
+def _is_conv(mlp: nn.Module) -> bool:
+    return isinstance(mlp.fc1_g if isinstance(mlp, SwiGLU) else mlp.fc1, nn.Conv2d)
+
+
+def _tokens(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    return x.movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim]).float()
+
+
+class Fc2Refit:
+    """Ridge regression, group by group, of the dense layer's output channels on the new mixer's hidden
+    activations of the kept units (plus a constant for fc2's bias): the fc2 blocks that best reproduce the
+    dense layer on calibration tokens. New units stay silent."""
+
+    def __init__(self, new: SchemeMlp, units: List[List[int]]):
+        self.new = new
+        per_group = new.hidden_features // new.groups
+        kept_counts = [sum(u >= 0 for u in kept) for kept in units]
+        self.slots = [list(range(k * per_group, k * per_group + n)) for k, n in enumerate(kept_counts)]
+        self.with_bias = new.fc2.bias is not None
+        out_size = new.fc2.out_features // new.groups
+        sizes = [len(s) + self.with_bias for s in self.slots]
+        self.gram = [torch.zeros(n, n, dtype=torch.float64) for n in sizes]
+        self.cross = [torch.zeros(n, out_size, dtype=torch.float64) for n in sizes]
+
+    @staticmethod
+    def supports(new: SchemeMlp) -> bool:
+        """Per-token hidden activations can be recomputed unless a norm pools over space (GroupNorm)."""
+        return not isinstance(new.norm, nn.GroupNorm)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        hidden = mixer_hidden(self.new, x.to(self.new.fc1.weight.dtype)).double().cpu()
+        y = y.double().cpu()
+        out_size = y.shape[1] // self.new.groups
+        for k, slots in enumerate(self.slots):
+            features = hidden[:, slots]
+            if self.with_bias:
+                features = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], 1)
+            self.gram[k] += features.t() @ features
+            self.cross[k] += features.t() @ y[:, k * out_size:(k + 1) * out_size]
+
+    @torch.no_grad()
+    def solve(self) -> None:
+        fc2 = self.new.fc2
+        out_size = fc2.out_features // self.new.groups
+        for k, slots in enumerate(self.slots):
+            gram = self.gram[k]
+            ridge = 1e-3 * gram.diagonal().mean().clamp_min(1e-12)  # keeps rarely active units' weights bounded
+            solution = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), self.cross[k])
+            fc2.weight[k, :, :len(slots)] = solution[:len(slots)].t().to(fc2.weight)
+            if self.with_bias:
+                fc2.bias[k * out_size:(k + 1) * out_size] = solution[-1].to(fc2.bias)
+
+
+def mixer_hidden(mixer: SchemeMlp, x: torch.Tensor) -> torch.Tensor:
+    """A SchemeMlp's hidden activations (fc2's input) for (tokens, in_features), computed layer by layer."""
+    h = F.linear(x, mixer.fc1.dense_weight(), mixer.fc1.bias)
+    if mixer.gated:
+        return _hidden_norm(mixer, mixer._glu(h))
+    if mixer.norm_first:
+        return mixer.act(_hidden_norm(mixer, h))
+    return _hidden_norm(mixer, mixer.act(h))
+
+
+def _hidden_norm(mixer: SchemeMlp, h: torch.Tensor) -> torch.Tensor:
+    if isinstance(mixer.norm, nn.Identity):
+        return h
+    if mixer.use_conv:  # an NCHW norm (BatchNorm2d, LayerNorm2d): one token is a 1x1 map
+        return mixer.norm(h[:, :, None, None]).flatten(1)
+    return mixer.norm(h)
+
+
+# --- copying the kept blocks ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def load_dense_blocks(new: SchemeMlp, old: nn.Module, weights: DenseMlpWeights, units: List[List[int]]) -> None:
+    """Fill ``new`` with the blocks of the dense weights that ``units`` keeps; other slots stay as built
+    (random fc1 rows) and are silenced by zeroing their fc2 columns."""
+    groups, c_in, c_out = new.groups, new.fc1.in_features, new.fc2.out_features
+    per_group = new.hidden_features // groups
+    in_size, out_size = c_in // groups, c_out // groups
+    fc1 = new.fc1.weight.view(groups, -1, per_group, in_size)  # (g, 1 or 2 halves, units, in/g)
+    fc1_bias = None if new.fc1.bias is None else new.fc1.bias.view(groups, -1, per_group)
+    fc2 = new.fc2.weight                                        # (g, out/g, units)
+    halves = [(weights.fc1_first, weights.bias1_first)]
+    if weights.fc1_second is not None:
+        halves.append((weights.fc1_second, weights.bias1_second))
+    fc2.zero_()
+    for k, kept in enumerate(units):
+        index = torch.tensor(kept, dtype=torch.long, device=weights.fc2.device)
+        n, cols, outs = len(kept), slice(k * in_size, (k + 1) * in_size), slice(k * out_size, (k + 1) * out_size)
+        for half, (w1, b1) in enumerate(halves):
+            fc1[k, half, :n] = w1[index][:, cols].to(fc1.dtype)
+            if fc1_bias is not None:
+                fc1_bias[k, half, :n] = b1[index].to(fc1_bias.dtype) if b1 is not None else 0
+        fc2[k, :, :n] = weights.fc2[outs][:, index].to(fc2.dtype)
+    if new.fc2.bias is not None and weights.bias2 is not None:
+        new.fc2.bias.copy_(weights.bias2)
+    _load_hidden_norm(new, old, units, per_group)
+
+
+@torch.no_grad()
+def undo_alpha(new: SchemeMlp) -> None:
+    """Scale fc2 by 1 / alpha, so the eval-mode output (alpha * BD-MLP) is the converted MLP itself."""
+    if new.has_cca:
+        alpha = new.mixing_weights()[0]
+        for t in (new.fc2.weight, new.fc2.bias):
+            if t is not None:
+                t.copy_((t.float() / alpha).to(t.dtype))
+
+
+def _load_hidden_norm(new: SchemeMlp, old: nn.Module, units: List[List[int]], per_group: int) -> None:
+    """Per-unit parameters and statistics of a hidden norm follow their units; new units keep fresh ones."""
+    if isinstance(old.norm, nn.Identity):
+        return
+    slots = [k * per_group + i for k, kept in enumerate(units) for i in range(len(kept))]
+    sources = [u for kept in units for u in kept]
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        src, dst = getattr(old.norm, attr, None), getattr(new.norm, attr, None)
+        if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dim() == 1:
+            dst[slots] = src[sources].to(dst.dtype)
+
+
+def hidden_norm_is_exact(old: nn.Module, hidden_new: int, hidden_old: int) -> bool:
+    """A norm over all hidden units (LayerNorm, GroupNorm) sees new statistics when the width changes."""
+    per_unit = isinstance(old.norm, (nn.Identity, nn.modules.batchnorm._BatchNorm))
+    return per_unit or hidden_new == hidden_old
+
+
+def relative_output_error(reference: torch.Tensor, output: torch.Tensor) -> float:
+    """||reference - output|| / ||reference||, in float64."""
+    ref = reference.double()
+    return float((ref - output.double()).norm() / ref.norm().clamp_min(1e-30))
+
+
+# --- the whole conversion --------------------------------------------------------------------------------
+
+def init_from_dense(model: nn.Module, layers: List[Tuple[str, nn.Module, SchemeMlp]], groups: int,
+                    calibration_data: Optional[CalibrationData] = None, *, assignment: str = "best") -> InitReport:
+    """Start each new mixer from its dense original: ``layers`` holds (name, dense MLP, new SchemeMlp).
+
+    Without calibration data the assignment keeps the most weight energy and the eval-mode mixer computes
+    the block-diagonal projection of the dense MLP. With ``calibration_data`` (``model`` must still hold the
+    dense MLPs) the assignment minimises each layer's output error on those images, and the fc2 blocks of
+    the kept units are then refit (ridge regression) to the dense layer's outputs.
+    ``assignment="diagonal"`` gives the naive baseline instead (units in their original order).
+    """
+    if assignment not in ("best", "diagonal"):
+        raise ValueError(f"assignment={assignment!r}: expected 'best' or 'diagonal'")
+    weights = {name: dense_weights(old, name) for name, old, _ in layers}
+    batches = None if calibration_data is None else calibration_batches(calibration_data)
+    originals = {name: old for name, old, _ in layers}
+    stats = None
+    if batches is not None and assignment == "best":
+        stats = {name: OutputErrorStats(old, weights[name], groups) for name, old, _ in layers}
+        run_dense_layers(model, originals, batches, lambda name, x, y: stats[name].add(x))
+    report, approximate = InitReport(), []
+    for name, old, new in layers:
+        w = weights[name]
+        energy = energy_scores(w, groups)
+        slots = original_unit_slots(w.hidden_features, new.hidden_features, groups)
+        diagonal = diagonal_units(w.hidden_features, slots)
+        units = diagonal if assignment == "diagonal" else assign_units(
+            energy if stats is None else stats[name].scores(), slots)
+        load_dense_blocks(new, old, w, units)
+        if not hidden_norm_is_exact(old, new.hidden_features, w.hidden_features):
+            approximate.append(name)
+        per_group = new.hidden_features // groups
+        report.layers[name] = LayerInit(
+            units=[kept + [-1] * (per_group - len(kept)) for kept in units],
+            retained_energy=total_score(energy, units), diagonal_energy=total_score(energy, diagonal),
+            objective=assignment if assignment == "diagonal" else "energy" if stats is None else "output_error")
+    if batches is not None:
+        _refit_fc2(model, layers, report, batches)
+    for _, _, new in layers:
+        undo_alpha(new)
+    if approximate and batches is None:
+        _logger.warning(
+            "SCHEME init='dense': these layers normalise over all hidden units and change width, so they start "
+            "close to, not exactly at, the block-diagonal projection: %s", approximate)
+    return report
+
+
+def _refit_fc2(model: nn.Module, layers: List[Tuple[str, nn.Module, SchemeMlp]], report: InitReport,
+               batches: List[torch.Tensor]) -> None:
+    refits = {name: Fc2Refit(new, report.layers[name].units) for name, _, new in layers if Fc2Refit.supports(new)}
+    modes = {name: new.training for name, _, new in layers}
+    for name, _, new in layers:
+        new.eval()  # hidden norms use their running statistics, as the dense layer did
+    originals = {name: old for name, old, _ in layers if name in refits}
+    try:
+        run_dense_layers(model, originals, batches, lambda name, x, y: refits[name].add(x, y))
+    finally:
+        for name, _, new in layers:
+            new.train(modes[name])
+    for name, refit in refits.items():
+        refit.solve()
+        report.layers[name].refit = True
+    skipped = sorted(set(report.layers) - set(refits))
+    if skipped:
+        _logger.warning("SCHEME init='dense': fc2 not refit where a hidden norm pools over space: %s", skipped)
+
+
+@torch.no_grad()
+def layer_output_errors(dense: nn.Module, patched: nn.Module, images: torch.Tensor) -> Dict[str, float]:
+    """Per layer, ||dense MLP(x) - SCHEME mixer(x)|| / ||dense MLP(x)|| in eval mode, with x the inputs the
+    dense model feeds that layer: what each conversion loses, layer by layer, before any training."""
+    mixers = {name: m for name, m in patched.named_modules() if isinstance(m, SchemeMlp)}
+    captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    modules = dict(dense.named_modules())
+    hooks = [modules[name].register_forward_hook(
+        lambda mod, args, out, name=name: captured.__setitem__(name, (args[0], out))) for name in mixers]
+    was_training = (dense.training, patched.training)
+    dense.eval()
+    patched.eval()
+    try:
+        dense(images)
+        return {name: relative_output_error(captured[name][1], mixer(captured[name][0]))
+                for name, mixer in mixers.items()}
+    finally:
+        for h in hooks:
+            h.remove()
+        dense.train(was_training[0])
+        patched.train(was_training[1])
+
+
+__all__ = [
+    "DenseMlpWeights", "InitReport", "LayerInit", "OutputErrorStats", "assign_units", "calibration_batches", "mixer_hidden",
+    "dense_weights", "diagonal_units", "energy_scores", "init_from_dense", "layer_output_errors", "load_dense_blocks", "original_unit_slots",
+    "relative_output_error", "total_score",
+]
