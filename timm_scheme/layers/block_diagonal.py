@@ -6,9 +6,10 @@ Kernels, chosen per call. Measured side by side on a shared 2-core AVX-512 CPU, 
 (batch 32 x 197 tokens, C=192, g=4, E=8); `python -m benchmarks.run` reproduces the tables.
 * Whole BD-MLP, CPU, no autograd (`block_diagonal_mlp`): token tiles; per tile and group one GEMM into a
   reused hidden buffer, the activation in place, one GEMM straight into the group's column slice of the
-  output. 1.4x the dense E=4 MLP on 2 threads, 2.1x on 1 thread; a per-group F.linear->GELU->F.linear
-  + cat ran 1.1-1.3x, two batched GEMMs on a (groups, tokens, width) view 0.4-0.7x untiled (1.2-1.6x
-  tiled), `torch._grouped_mm` (CPU fp32) 0.4-0.5x, oneDNN linear+GELU per tile no faster, the grouped
+  output; tile size by thread count (see `_TILE_BYTES_*`). 1.3-1.4x the dense E=4 MLP on 2 threads,
+  1.5-2.1x on 1 thread; a per-group F.linear->GELU->F.linear + cat ran 1.1-1.3x (with the GELU in
+  place: 0.85-0.93x the tiled kernel on 1 thread, alike on 2 idle threads), two batched GEMMs on a
+  (groups, tokens, width) view 0.4-0.7x untiled (1.2-1.6x tiled), `torch._grouped_mm` (CPU fp32) 0.4-0.5x, oneDNN linear+GELU per tile no faster, the grouped
   1x1 Conv2d of the paper's code 0.3-0.4x.
 * Whole BD-MLP, CPU, autograd: per group F.linear->act->F.linear, then one cat: 0.84-0.93x the dense
   E=4 step time; a tiled autograd.Function that recomputes the hidden tiles in backward ran 0.85-0.92x
@@ -30,13 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Token tiles of the fused MLP hold one group's hidden activations: about this many bytes per thread,
-# for 2 to 8 threads. Measured on a 2-core CPU (DeiT-Tiny MLP, batch 32, hidden tile 384 wide): on one
-# thread 0.5-4 MiB tiles ran alike; on two threads every GEMM is a parallel region with a barrier, and
-# when the cores are shared with other jobs small tiles collapsed (256 KiB tiles: 4-10x slower), so the
-# tiles are as large as still pays: the point is not L2 residency but never allocating the whole
-# (tokens, hidden) tensor, which at E=8 exceeds glibc's mmap threshold and page-faults on every call.
-_TILE_BYTES_PER_THREAD = 4 << 20
+# Token tiles of the fused MLP hold one group's hidden activations. The point is not L2 residency but never
+# allocating the whole (tokens, hidden) tensor, which at E=8 exceeds glibc's mmap threshold and page-faults
+# on every call; the size is picked by thread count. Measured on a 2-core AVX-512 CPU (DeiT-Tiny MLP, batch
+# 32 = 6304 tokens, hidden tile 384 wide, interleaved rounds, `benchmarks/`):
+# * 1 thread (CPU time): 8 MiB tiles (2 tiles here) 1.5-1.8x the dense E=4 MLP; 32 MiB (one tile) 0.93-0.95x
+#   of that; per-group F.linear -> GELU in place -> F.linear + cat 0.85-0.93x of it.
+# * 2 threads: every GEMM is a parallel region ending in a barrier, so with another job on the cores each
+#   region waits for a preempted thread (~10 ms each): the kernel's time followed its number of regions
+#   (26 with 8 MiB tiles: 270 ms; 13 with one 32 MiB tile: 137 ms; per-group + cat, 13 regions plus the
+#   allocations and the cat: 190 ms; dense MLP 70 ms). On the idle machine tiles and per-group + cat ran
+#   alike (1.28-1.30x dense, wall time). Hence 16 MiB per thread from 2 threads on: one tile up to ~22k
+#   tokens (batch 110 at 197 tokens) on 2 threads; half of it (8 MiB) on 1 thread.
+_TILE_BYTES_PER_THREAD = 16 << 20
 _MIN_TILE_TOKENS = 64
 
 
@@ -134,7 +141,8 @@ HiddenFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _tile_bytes() -> int:
-    return _TILE_BYTES_PER_THREAD * min(max(2, torch.get_num_threads()), 8)
+    threads = torch.get_num_threads()
+    return _TILE_BYTES_PER_THREAD // 2 if threads <= 1 else _TILE_BYTES_PER_THREAD * min(threads, 8)
 
 
 def _tile_tokens(hidden_g: int, itemsize: int) -> int:
