@@ -107,6 +107,28 @@ def test_baselines_and_bd_only(tmp_path):
     assert summary["params"] == pytest.approx(json.loads((dense / "summary.json").read_text())["params"], rel=0.02)
 
 
+def test_converting_a_trained_dense_checkpoint_keeps_its_accuracy(tmp_path):
+    code, dense = _train(tmp_path, "dense", "--epochs", "12", "--batch-size", "32", "--no-scheme", "--no-export")
+    assert code == 0
+    dense_top1 = json.loads((dense / "log.json").read_text())["epochs"][-1]["top1"]
+    # a learning rate too small to move anything: epoch 1's top-1 is the converted model's own
+    frozen = ("--epochs", "1", "--lr", "1e-12", "--warmup-epochs", "0", "--no-export",
+              "--initial-checkpoint", str(dense / "checkpoint.pth"))
+    top1 = {}
+    for name, options in (("random", ()), ("init_dense", ("init=dense",))):
+        code, out = _train(tmp_path, name, *frozen, "--scheme-options", *options) if options else \
+            _train(tmp_path, name, *frozen)
+        assert code == 0
+        top1[name] = json.loads((out / "log.json").read_text())["epochs"][-1]["top1"]
+    assert dense_top1 > 60
+    assert top1["init_dense"] > dense_top1 - 10 and top1["init_dense"] > top1["random"] + 20, (dense_top1, top1)
+    with pytest.raises(SystemExit, match="--initial-checkpoint .*no such file"):
+        _train(tmp_path, "missing", *frozen[:-1], str(tmp_path / "nothing.pth"))
+    with pytest.raises(SystemExit, match=r"does not fit VisionTransformer: missing \['blocks.2"):
+        main(["train", *TINY, "--model-kwargs", "embed_dim=32", "depth=3", "num_heads=2", *frozen,
+              "--output", str(tmp_path / "deeper")])
+
+
 def test_already_scheme_model_is_not_patched_twice():
     import argparse
     from timm_scheme import train

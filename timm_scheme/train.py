@@ -13,6 +13,7 @@ alone writes.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import logging
@@ -63,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--patch-size", type=int, default=4,
                        help="on digits, passed to models that take it (ViT-style patch embedding)")
     model.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    model.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
+    model.add_argument("--initial-checkpoint", default=None, metavar="PATH",
+                       help="start from these weights of the model (timm's checkpoint formats; a classifier of "
+                            "another class count is left as built)")
 
     scheme = parser.add_argument_group("SCHEME")
     scheme.add_argument("--groups", type=int, default=4, help="block-diagonal groups")
@@ -71,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scheme.add_argument("--no-scheme", action="store_true", help="train the model as timm builds it (baseline)")
     scheme.add_argument("--scheme-options", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                         help="other SchemeConfig fields, e.g. cca_scale_mode=normalized alpha_init=0.7")
+    scheme.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                        help="with --scheme-options init=dense: training images (without augmentation) on which "
+                             "the conversion fits each layer; 0 converts from the weights alone")
     scheme.add_argument("--cca-anneal-start", type=float, default=None, metavar="FRACTION",
                         help="anneal CCA (cap every layer's 1 - alpha, cosine from 1x to 0x) from this fraction "
                              "of training to the end, so that fusing discards nothing; 0 anneals throughout")
@@ -138,9 +146,7 @@ def _run(args: argparse.Namespace, processes: Processes) -> int:
     _seed_everything(args.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
 
     data = _load_data(args, processes)
-    model = build_model(args, data.num_classes, data.input_size)
-    if data.needs_model_transforms:
-        data.attach_transforms(model, args)
+    model = build_model(args, data.num_classes, data.input_size, data)
     recorded_args = _recorded_args(args, model)
     recorded_args["world_size"] = processes.world_size
     model.to(processes.device)
@@ -207,9 +213,10 @@ def _run(args: argparse.Namespace, processes: Processes) -> int:
 
 # ---------------------------------------------------------------------------------------------- model
 
-def build_model(args: argparse.Namespace, num_classes: int,
-                input_size: Optional[Tuple[int, int, int]] = None) -> nn.Module:
-    """``timm.create_model`` for the data at hand, then ``scheme_patch`` unless the model already is SCHEME."""
+def build_model(args: argparse.Namespace, num_classes: int, input_size: Optional[Tuple[int, int, int]],
+                data: Optional["_Data"] = None) -> nn.Module:
+    """``timm.create_model`` for the data at hand (with its transforms attached to ``data``), then
+    ``scheme_patch`` unless the model already is SCHEME; ``init=dense`` converts on ``data``'s images."""
     kwargs = dict(num_classes=num_classes, in_chans=3, **args.model_kwargs)
     if args.drop_path:
         kwargs["drop_path_rate"] = args.drop_path
@@ -219,7 +226,12 @@ def build_model(args: argparse.Namespace, num_classes: int,
     if args.data_dir is None and args.patch_size:
         optional["patch_size"] = args.patch_size
     optional = {k: v for k, v in optional.items() if k not in kwargs}
-    model = create_with_optional(args.model, kwargs, optional)
+    model = create_with_optional(args.model, kwargs, optional, pretrained=args.pretrained)
+    if args.initial_checkpoint:
+        _load_initial_checkpoint(model, args.initial_checkpoint)
+    pretrained = args.pretrained or bool(args.initial_checkpoint)
+    if data is not None and data.needs_model_transforms:
+        data.attach_transforms(model, args)
 
     if args.no_scheme:
         _logger.info("training %s as timm builds it (--no-scheme)", args.model)
@@ -231,18 +243,44 @@ def build_model(args: argparse.Namespace, num_classes: int,
     options = dict(args.scheme_options)
     if args.no_cca:
         options["cca"] = False
+    if options.get("init") == "dense":
+        if not pretrained:
+            _logger.warning("init=dense converts the model's current MLP weights, which are random without "
+                            "--pretrained or --initial-checkpoint")
+        if data is not None and args.calibration_images > 0:
+            options["calibration_data"] = data.calibration_images(args.calibration_images)
     scheme_patch(model, groups=args.groups, expansion=args.expansion, **options)
     _logger.info("patched %d MLPs of %s with SCHEME (%s)", len(scheme_mixers(model)), args.model,
                  model.scheme_config)
+    if hasattr(model, "scheme_init_report"):
+        _logger.info("init=dense: %s", model.scheme_init_report.summary())
     return model
 
 
-def create_with_optional(name: str, kwargs: Dict[str, Any], optional: Dict[str, Any]) -> nn.Module:
+def _load_initial_checkpoint(model: nn.Module, path: str) -> None:
+    """Dense weights from a checkpoint in any of timm's formats; tensors whose shape differs from the model's
+    (a classifier of another class count) are left as built, and the log names them."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--initial-checkpoint {path}: no such file")
+    state = timm.models.load_state_dict(path, weights_only=True)
+    own = model.state_dict()
+    reshaped = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
+    if unexpected or set(missing) - set(reshaped):
+        raise SystemExit(
+            f"--initial-checkpoint {path} does not fit {type(model).__name__}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; give the --model and --model-kwargs it was trained with")
+    if reshaped:
+        _logger.info("--initial-checkpoint: kept the new model's %s (other shapes in the checkpoint)", reshaped)
+
+
+def create_with_optional(name: str, kwargs: Dict[str, Any], optional: Dict[str, Any],
+                         pretrained: bool = False) -> nn.Module:
     # img_size / patch_size exist on some architectures only: drop the ones a model rejects
     optional = dict(optional)
     while True:
         try:
-            return timm.create_model(name, pretrained=False, **kwargs, **optional)
+            return timm.create_model(name, pretrained=pretrained, **kwargs, **optional)
         except TypeError as err:
             rejected = [k for k in optional if k in str(err)]
             if not rejected:
@@ -300,6 +338,18 @@ class _Data:
         if shard:
             images = Subset(images, range(self.processes.rank, len(images), self.processes.world_size))
         return DataLoader(images, batch_size=max(self.batch_size, 256), shuffle=False, num_workers=self.workers)
+
+    def calibration_images(self, count: int) -> torch.Tensor:
+        """The first ``count`` training images as evaluation sees them (no augmentation), one tensor."""
+        images = Subset(self.eval_transformed_train(), range(min(count, len(self.train))))
+        return torch.cat([x for x, _ in DataLoader(images, batch_size=max(self.batch_size, 64))])
+
+    def eval_transformed_train(self) -> Dataset:
+        if isinstance(self.train, TensorDataset):
+            return self.train
+        calibration = copy.copy(self.train)  # the same files, read with the evaluation transform
+        calibration.transform = self.eval_set.transform
+        return calibration
 
     def attach_transforms(self, model: nn.Module, args: argparse.Namespace) -> None:
         config = resolve_model_data_config(model, args=dict(input_size=self.input_size) if self.input_size else None)
