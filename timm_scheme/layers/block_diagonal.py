@@ -6,11 +6,11 @@ Kernels, chosen per call. Measured side by side on a shared 2-core AVX-512 CPU, 
 (batch 32 x 197 tokens, C=192, g=4, E=8); `python -m benchmarks.run` reproduces the tables.
 * Whole BD-MLP, CPU, no autograd (`block_diagonal_mlp`): token tiles; per tile and group one GEMM into a
   reused hidden buffer, the activation in place, one GEMM straight into the group's column slice of the
-  output; tile size by thread count (see `_TILE_BYTES_*`). 1.3-1.4x the dense E=4 MLP on 2 threads,
-  1.5-2.1x on 1 thread; a per-group F.linear->GELU->F.linear + cat ran 1.1-1.3x (with the GELU in
-  place: 0.85-0.93x the tiled kernel on 1 thread, alike on 2 idle threads), two batched GEMMs on a
-  (groups, tokens, width) view 0.4-0.7x untiled (1.2-1.6x tiled), `torch._grouped_mm` (CPU fp32) 0.4-0.5x, oneDNN linear+GELU per tile no faster, the grouped
-  1x1 Conv2d of the paper's code 0.3-0.4x.
+  output; tile size by thread count (`_TILE_BYTES_PER_THREAD`). 1.3-1.4x the dense E=4 MLP on 2 threads,
+  1.5-2.1x on 1 thread; a per-group F.linear->GELU->F.linear + cat ran 0.7-1.2x (with the GELU in
+  place: 0.80-0.93x the tiled kernel on 1 thread, alike on 2 quiet threads), two batched GEMMs on a
+  (groups, tokens, width) view 0.4-0.7x untiled (1.2-1.6x tiled), `torch._grouped_mm` (CPU fp32)
+  0.4-0.5x, oneDNN linear+GELU per tile no faster, the grouped 1x1 Conv2d of the paper's code 0.3-0.4x.
 * Whole BD-MLP, CPU, autograd: per group F.linear->act->F.linear, then one cat: 0.84-0.93x the dense
   E=4 step time; a tiled autograd.Function that recomputes the hidden tiles in backward ran 0.85-0.92x
   and keeps no hidden activations (opt-in: `recompute=True`); batched GEMMs 1.2-1.6x.
@@ -34,15 +34,16 @@ from torch import nn
 # Token tiles of the fused MLP hold one group's hidden activations. The point is not L2 residency but never
 # allocating the whole (tokens, hidden) tensor, which at E=8 exceeds glibc's mmap threshold and page-faults
 # on every call; the size is picked by thread count. Measured on a 2-core AVX-512 CPU (DeiT-Tiny MLP, batch
-# 32 = 6304 tokens, hidden tile 384 wide, interleaved rounds, `benchmarks/`):
-# * 1 thread (CPU time): 8 MiB tiles (2 tiles here) 1.5-1.8x the dense E=4 MLP; 32 MiB (one tile) 0.93-0.95x
-#   of that; per-group F.linear -> GELU in place -> F.linear + cat 0.85-0.93x of it.
-# * 2 threads: every GEMM is a parallel region ending in a barrier, so with another job on the cores each
-#   region waits for a preempted thread (~10 ms each): the kernel's time followed its number of regions
-#   (26 with 8 MiB tiles: 270 ms; 13 with one 32 MiB tile: 137 ms; per-group + cat, 13 regions plus the
-#   allocations and the cat: 190 ms; dense MLP 70 ms). On the idle machine tiles and per-group + cat ran
-#   alike (1.28-1.30x dense, wall time). Hence 16 MiB per thread from 2 threads on: one tile up to ~22k
-#   tokens (batch 110 at 197 tokens) on 2 threads; half of it (8 MiB) on 1 thread.
+# 32 = 6304 tokens, hidden tile 384 wide, interleaved rounds; benchmarks/results/NOTES.md, 2026-11-24):
+# * 1 thread (CPU time): 8 MiB tiles (2 tiles here) 1.5-1.8x the dense E=4 MLP; one 32 MiB tile 0.93-0.95x
+#   of that; per-group F.linear -> GELU in place -> F.linear + cat 0.80-0.93x of it.
+# * 2 threads, quiet machine (wall time): 8 MiB and 32 MiB tiles alike (1.34x and 1.39x dense, 1.01 per
+#   round; 0.997 at batch 64), per-group + cat 0.97x of them at batch 32 and 0.61x at batch 64.
+# * 2 threads with another job on a core: every GEMM is a parallel region ending in a barrier that waits
+#   ~10 ms for a preempted thread, so the time followed the number of regions: 26 with two 8 MiB tiles
+#   (270 ms), 13 with one 32 MiB tile (137 ms), per-group + cat 13 plus allocations and the cat (190 ms);
+#   dense MLP 70 ms.
+# Hence 8 MiB on 1 thread and 16 MiB per thread from 2 threads on (one tile up to ~22k tokens on 2 threads).
 _TILE_BYTES_PER_THREAD = 16 << 20
 _MIN_TILE_TOKENS = 64
 
