@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import multiprocessing as mp
 import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -25,7 +25,7 @@ Kernels, chosen per call. Measured side by side on a shared 2-core AVX-512 CPU, 
 * torch.compile and autocast get the plain per-group form, which they trace and cast as usual.
 """
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -195,7 +195,7 @@ class _TiledBlockDiagonalMlp(torch.autograd.Function):
         hidden_fn = ctx.hidden_fn
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         groups, fc1_g, in_g = w1.shape
-        out_g, hid_g = w2.shape[1], w2.shape[2]
+        out_g = w2.shape[1]
         tokens = x2d.shape[0]
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x2d) if need_x else None
