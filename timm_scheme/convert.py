@@ -496,7 +496,8 @@ def layer_output_errors(dense: nn.Module, patched: nn.Module, images: torch.Tens
 
 
 __all__ = [
-    "DenseMlpWeights", "InitReport", "LayerInit", "OutputErrorStats", "assign_units", "calibration_batches", "mixer_hidden",
-    "dense_weights", "diagonal_units", "energy_scores", "init_from_dense", "layer_output_errors", "load_dense_blocks", "original_unit_slots",
-    "relative_output_error", "total_score",
+    "DenseMlpWeights", "Fc2Refit", "InitReport", "LayerInit", "OutputErrorStats", "assign_units",
+    "calibration_batches", "dense_weights", "diagonal_units", "energy_scores", "init_from_dense",
+    "layer_output_errors", "load_dense_blocks", "mixer_hidden", "original_unit_slots", "relative_output_error",
+    "run_dense_layers", "total_score", "undo_alpha",
 ]
