@@ -11,9 +11,15 @@ Kernels, chosen per call. Measured side by side on a shared 2-core AVX-512 CPU, 
   place: 0.80-0.93x the tiled kernel on 1 thread, alike on 2 quiet threads), two batched GEMMs on a
   (groups, tokens, width) view 0.4-0.7x untiled (1.2-1.6x tiled), `torch._grouped_mm` (CPU fp32)
   0.4-0.5x, oneDNN linear+GELU per tile no faster, the grouped 1x1 Conv2d of the paper's code 0.3-0.4x.
-* Whole BD-MLP, CPU, autograd: per group F.linear->act->F.linear, then one cat: 0.84-0.93x the dense
-  E=4 step time; a tiled autograd.Function that recomputes the hidden tiles in backward ran 0.85-0.92x
-  and keeps no hidden activations (opt-in: `recompute=True`); batched GEMMs 1.2-1.6x.
+* Whole BD-MLP, CPU, autograd: an autograd.Function running per group GEMM -> act -> GEMM into the
+  output's column slice, whose backward writes each group's input gradient into its slice and reuses
+  hidden-sized scratch buffers (`_PerGroupBlockDiagonalMlp`): 0.91x the time (per-round range 0.83-1.03,
+  1 thread, CPU time) of the autograd-native per group F.linear->act->F.linear + cat, which ran 0.84-1.0x
+  the dense E=4 forward+backward; the same bare ops on contiguous buffers (the attainable bound, see the
+  benchmark's training "Attainable" table) take 0.82x the dense bare ops, not the 0.5x of the MACs (fc1's
+  K = C/g GEMM runs at the dense GEMM's cost, GELU and its backward touch E=8's twice wider hidden). A tiled
+  Function that recomputes the hidden tiles in backward keeps no hidden activations (opt-in:
+  `recompute=True`, 0.9-1.0x dense); batched GEMMs 1.2-1.6x.
 * Single projections, CPU: without autograd each group's GEMM writes into its slice of the output, the
   bias added once (0.8-0.9x a dense GEMM of equal FLOPs and equal output size; the rest is four
   GEMMs of N/4 columns instead of one); with autograd one F.linear per group + cat.
@@ -30,6 +36,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 # Token tiles of the fused MLP hold one group's hidden activations. The point is not L2 residency but never
 # allocating the whole (tokens, hidden) tensor, which at E=8 exceeds glibc's mmap threshold and page-faults
@@ -238,6 +245,111 @@ class _TiledBlockDiagonalMlp(torch.autograd.Function):
                 *grads_act)
 
 
+def _gelu_approximate(hid: torch.Tensor) -> Optional[str]:
+    """If autograd recorded hidden_fn as a bare GELU of its input, GELU's `approximate` mode, else None."""
+    node = hid.grad_fn
+    if type(node).__name__ != 'GeluBackward0' or len(node.next_functions) != 1 \
+            or type(node.next_functions[0][0]).__name__ != 'AccumulateGrad':
+        return None
+    return node._saved_approximate
+
+
+class _PerGroupBlockDiagonalMlp(torch.autograd.Function):
+    """Training form that keeps the hidden activations (CPU default): per group fc1 -> hidden_fn -> fc2 into
+    the group's column slice of the output; backward writes each group's input gradient straight into its
+    column slice and reuses one hidden-sized scratch buffer for all groups. Against the autograd-native
+    per-group F.linear + cat it saves the cat, the slice backward (a zero-filled full-size input gradient per
+    group, then their sum) and half the hidden-sized gradient allocations.
+
+    Saves the input, each group's pre-activation and hidden units (what autograd would save, through the same
+    saved-tensor hooks). A bare GELU (every timm ViT) is differentiated with aten's gelu_backward; any other
+    hidden_fn (gates, activations with parameters) is re-run on the saved pre-activation in backward and
+    differentiated by autograd."""
+
+    @staticmethod
+    def forward(ctx, x2d, w1, b1, w2, b2, hidden_fn, *act_params):
+        groups, fc1_g, in_g = w1.shape
+        out_g = w2.shape[1]
+        out = x2d.new_empty(x2d.shape[0], groups * out_g)
+        w1_t, w2_t = w1.transpose(1, 2), w2.transpose(1, 2)
+        b1_g = b1.view(groups, fc1_g) if b1 is not None else None
+        gelu_modes, hids, pres = [], [], []
+        for i in range(groups):
+            pre = _mm_bias(x2d[:, i * in_g:(i + 1) * in_g], w1_t[i], b1_g[i] if b1_g is not None else None)
+            with torch.enable_grad():  # keeps hidden_fn out of place (pre is saved) and shows what it ran
+                pre.requires_grad_()
+                hid = hidden_fn(pre)
+            pre = pre.detach()
+            torch.mm(hid.detach(), w2_t[i], out=out[:, i * out_g:(i + 1) * out_g])
+            gelu_modes.append(_gelu_approximate(hid) if hid.requires_grad else None)
+            hids.append(hid.detach())
+            pres.append(pre)
+        if b2 is not None:
+            out.add_(b2)
+        ctx.hidden_fn = hidden_fn
+        ctx.gelu_modes = gelu_modes
+        ctx.n_act, ctx.groups = len(act_params), groups
+        ctx.save_for_backward(x2d, w1, w2, *act_params, *hids, *pres)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x2d, w1, w2, *rest = ctx.saved_tensors
+        n_act, groups = ctx.n_act, ctx.groups
+        act_params, hids, pres = rest[:n_act], rest[n_act:n_act + groups], rest[n_act + groups:]
+        hidden_fn = ctx.hidden_fn
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        act_live = [p for p, need in zip(act_params, ctx.needs_input_grad[6:]) if need]
+        need_pre = need_x or need_w1 or need_b1 or bool(act_live)
+        _, fc1_g, in_g = w1.shape
+        out_g = w2.shape[1]
+        grad_x = torch.empty_like(x2d) if need_x else None
+        grad_w1 = torch.empty_like(w1) if need_w1 else None
+        grad_w2 = torch.empty_like(w2) if need_w2 else None
+        grad_b1 = x2d.new_empty(groups, fc1_g) if need_b1 else None
+        grad_b2 = grad_out.sum(0) if need_b2 else None
+        grad_act = [torch.zeros_like(p) for p in act_live]
+        # scratch buffers, reused group by group
+        grad_hid = x2d.new_empty(x2d.shape[0], w2.shape[2]) if need_pre else None
+        grad_pre_buf = x2d.new_empty(x2d.shape[0], fc1_g) if need_pre else None
+        for i in range(groups):
+            g_i = grad_out[:, i * out_g:(i + 1) * out_g]
+            x_i = x2d[:, i * in_g:(i + 1) * in_g]
+            if need_w2:
+                torch.mm(g_i.t(), hids[i], out=grad_w2[i])
+            if not need_pre:
+                continue
+            torch.mm(g_i, w2[i], out=grad_hid)
+            mode = ctx.gelu_modes[i]
+            if mode is not None and not act_live:
+                grad_pre = torch.ops.aten.gelu_backward.grad_input(grad_hid, pres[i], approximate=mode,
+                                                                    grad_input=grad_pre_buf)
+            else:
+                with torch.enable_grad():
+                    pre = pres[i].detach().requires_grad_()
+                    hid = hidden_fn(pre)
+                if hid is pre:
+                    grad_pre = grad_hid
+                else:
+                    grad_pre, *grads_act = torch.autograd.grad(hid, [pre, *act_live], grad_hid, allow_unused=True)
+                    if grad_pre is None:
+                        grad_pre = torch.zeros_like(pre)
+                    for acc, g in zip(grad_act, grads_act):
+                        if g is not None:
+                            acc.add_(g)
+            if need_w1:
+                torch.mm(grad_pre.t(), x_i, out=grad_w1[i])
+            if need_b1:
+                torch.sum(grad_pre, 0, out=grad_b1[i])
+            if need_x:
+                torch.mm(grad_pre, w1[i], out=grad_x[:, i * in_g:(i + 1) * in_g])
+        grad_act_iter = iter(grad_act)
+        grads_act = tuple(next(grad_act_iter) if need else None for need in ctx.needs_input_grad[6:])
+        return (grad_x, grad_w1, grad_b1.view(-1) if grad_b1 is not None else None, grad_w2, grad_b2, None,
+                *grads_act)
+
+
 def _mlp_tokens_unfused(x, w1, b1, w2, b2, hidden_fn: HiddenFn) -> torch.Tensor:
     """Autograd-native form: per group fc1 -> hidden -> fc2, then one cat (what torch.compile traces)."""
     groups, fc1_g, in_g = w1.shape
@@ -292,7 +404,7 @@ def block_diagonal_mlp(
     elif recompute:
         y = _TiledBlockDiagonalMlp.apply(x2d, w1, b1, w2, b2, hidden_fn, *act_params)
     else:
-        y = _mlp_tokens_unfused(x2d, w1, b1, w2, b2, hidden_fn)
+        y = _PerGroupBlockDiagonalMlp.apply(x2d, w1, b1, w2, b2, hidden_fn, *act_params)
     return y.reshape(*lead, groups * w2.shape[1])
 
 
