@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher-lr", type=float, default=2e-3)
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--alpha-init", type=float, default=ALPHA_INIT,
+                        help="initial BD-MLP weight of every conversion (0.5 shows why init='dense' defaults to 0.9)")
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps: a smoke run, not the results")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table from the JSON")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -81,15 +83,16 @@ def build_dense(seed: int) -> torch.nn.Module:
     return timm.create_model(kwargs.pop("model_name"), pretrained=False, **kwargs)
 
 
-def convert(dense: torch.nn.Module, kind: str, expansion: float, calibration: torch.Tensor) -> torch.nn.Module:
+def convert(dense: torch.nn.Module, kind: str, expansion: float, calibration: torch.Tensor,
+            alpha_init: float = ALPHA_INIT) -> torch.nn.Module:
     """One conversion of the trained dense model; the dense model is left as it is."""
     model = copy.deepcopy(dense)
     if kind == "dense":
-        return scheme_patch(model, GROUPS, expansion, init="dense", alpha_init=ALPHA_INIT)
+        return scheme_patch(model, GROUPS, expansion, init="dense", alpha_init=alpha_init)
     if kind == "dense_calibrated":
-        return scheme_patch(model, GROUPS, expansion, init="dense", alpha_init=ALPHA_INIT,
+        return scheme_patch(model, GROUPS, expansion, init="dense", alpha_init=alpha_init,
                             calibration_data=calibration)
-    scheme_patch(model, GROUPS, expansion, alpha_init=ALPHA_INIT)
+    scheme_patch(model, GROUPS, expansion, alpha_init=alpha_init)
     if kind.startswith("diagonal"):  # the naive baseline, by the same code with the assignment fixed
         originals = dict(find_mlps(dense))
         layers = [(name, originals[name], mixer) for name, mixer in scheme_mixers(model).items()]
@@ -149,7 +152,7 @@ def run_seed(seed: int, args: argparse.Namespace, log: Callable[[str], None]) ->
         rows: Dict[str, Any] = {}
         for kind in CONVERSIONS:
             torch.manual_seed(seed)  # the same random fc1 rows for every conversion's new units
-            model = convert(dense, kind, expansion, calibration)
+            model = convert(dense, kind, expansion, calibration, args.alpha_init)
             errors = layer_output_errors(dense, model, x_test)
             report = getattr(model, "scheme_init_report", None)
             rows[kind] = {
@@ -165,7 +168,7 @@ def run_seed(seed: int, args: argparse.Namespace, log: Callable[[str], None]) ->
                 f"fine-tuned {rows[kind]['finetuned_top1']:.2%}")
         for kind in DISTILLED_FROM:
             torch.manual_seed(seed)
-            student = convert(dense, kind, expansion, calibration)
+            student = convert(dense, kind, expansion, calibration, args.alpha_init)
             distiller = Distiller(dense, student, temperature=2.0, logit_weight=1.0)
             rows[kind + DISTILLED] = {"finetuned_top1": finetune_and_fuse(student, data, args, seed, distiller)}
             log(f"  E={expansion:g} {kind + DISTILLED:17} fine-tuned {rows[kind + DISTILLED]['finetuned_top1']:.2%}")
@@ -186,7 +189,8 @@ def write_report(data: Dict[str, Any], out: Path) -> str:
         f"{MODEL['img_size']}px digits, {MODEL['patch_size']}px patches; dense E=4 trained "
         f"{data['args']['teacher_steps']} steps (lr {data['args']['teacher_lr']}), then converted to BD-MLP "
         f"g={GROUPS} and fine-tuned {data['args']['finetune_steps']} steps (lr {data['args']['finetune_lr']}) with "
-        f"CCA (every conversion starts it at 1 - alpha = {1 - ALPHA_INIT:.1f}) annealed out over the second half, "
+        f"CCA (every conversion starts it at 1 - alpha = {1 - data['args'].get('alpha_init', ALPHA_INIT):.1f}) "
+        "annealed out over the second half, "
         "then fused. Calibration images are training images; all accuracies are on the held-out test split.",
         "",
         f"Dense model top-1: {_spread([r['dense_top1'] for r in runs])}",

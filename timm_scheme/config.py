@@ -28,8 +28,8 @@ class SchemeConfig:
             ``cca_temperature``, which keeps the logits independent of the token count.
         cca_temperature: softmax temperature of the ``"normalized"`` mode.
         alpha_init: initial weight of the BD-MLP branch; CCA starts at ``1 - alpha_init``. ``None`` picks
-            0.5 for ``init="random"`` and 0.9 for ``init="dense"``, where a large CCA share would disturb the
-            converted pretrained function during fine-tuning (measured in examples/results/dense_init.md).
+            0.5 for ``init="random"`` and 0.9 for ``init="dense"``, where a large CCA share disturbs the
+            converted pretrained function during fine-tuning (``examples/convert_pretrained.py --alpha-init 0.5``).
         cca_skip_threshold: in training, a layer whose CCA weight is below this skips the CCA branch.
         fuse_warn_threshold: fusing warns about layers whose CCA weight is above this.
         init: how the block-diagonal weights start: ``"random"``, or ``"dense"`` to convert the pretrained
