@@ -124,6 +124,10 @@ def test_converting_a_trained_dense_checkpoint_keeps_its_accuracy(tmp_path):
     assert top1["init_dense"] > dense_top1 - 10 and top1["init_dense"] > top1["random"] + 20, (dense_top1, top1)
     with pytest.raises(SystemExit, match="--initial-checkpoint .*no such file"):
         _train(tmp_path, "missing", *frozen[:-1], str(tmp_path / "nothing.pth"))
+    whole = (dense / "checkpoint.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(SystemExit, match="--initial-checkpoint: .*truncated or corrupted"):
+        _train(tmp_path, "truncated", *frozen[:-1], str(tmp_path / "truncated.pth"))
     with pytest.raises(SystemExit, match=r"does not fit VisionTransformer: missing \['blocks.2"):
         main(["train", *TINY, "--model-kwargs", "embed_dim=32", "depth=3", "num_heads=2", *frozen,
               "--output", str(tmp_path / "deeper")])

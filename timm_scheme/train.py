@@ -44,7 +44,7 @@ from .data import load_digits_tensors
 from .distributed import Processes, check_ranks_agree, end_processes, replicate, start_processes
 from .fuse import (cca_anneal_limit, cca_in_eval, cca_weights, fuse_for_inference, max_relative_difference,
                    scheme_mixers, set_cca_limit)
-from .io import save_pretrained
+from .io import CheckpointFormatError, read_training_checkpoint, save_pretrained
 from .patch import is_patched, scheme_patch
 from .stats import count_macs, count_params
 
@@ -262,7 +262,10 @@ def _load_initial_checkpoint(model: nn.Module, path: str) -> None:
     (a classifier of another class count) are left as built, and the log names them."""
     if not Path(path).is_file():
         raise SystemExit(f"--initial-checkpoint {path}: no such file")
-    state = timm.models.load_state_dict(path, weights_only=True)
+    try:
+        state, _ = read_training_checkpoint(path)
+    except CheckpointFormatError as error:
+        raise SystemExit(f"--initial-checkpoint: {error}") from error
     own = model.state_dict()
     reshaped = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
     missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)

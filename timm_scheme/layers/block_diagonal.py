@@ -251,7 +251,7 @@ def _gelu_approximate(hid: torch.Tensor) -> Optional[str]:
     if type(node).__name__ != 'GeluBackward0' or len(node.next_functions) != 1 \
             or type(node.next_functions[0][0]).__name__ != 'AccumulateGrad':
         return None
-    return node._saved_approximate
+    return getattr(node, '_saved_approximate', None)  # a private autograd field: fall back when it is gone
 
 
 class _PerGroupBlockDiagonalMlp(torch.autograd.Function):
