@@ -19,7 +19,7 @@ from torch import nn
 
 import timm
 import timm_scheme
-import timm_scheme.layers.block_diagonal as bd
+import timm_scheme.kernels.block_diagonal as bd
 from timm_scheme.layers import ChannelCovarianceAttention, SchemeMlp
 
 from .harness import Settings, Table, compare, ms, ratio
@@ -89,8 +89,8 @@ def kernel_table(plan: Plan, settings: Settings) -> Table:
             "dense, same output": lambda: dense_same_out(x_small),
             "dense, same input": lambda: dense_same_in(x),
             "ours (GEMM per group into output slices)": lambda: bd.block_diagonal_linear(x, w, b),
-            "F.linear per group + cat": lambda: bd._linear_per_group(x, w, b),
-            "batched bmm on (g, tokens, c) view": lambda: bd._linear_batched(x, w, b),
+            "F.linear per group + cat": lambda: bd.linear_per_group(x, w, b, groups, in_g, out_g),
+            "batched bmm on (g, tokens, c) view": lambda: bd.linear_batched(x, w, b),
             "grouped 1x1 Conv2d (NCHW)": lambda: conv(x_nchw),
         }
         if _grouped_mm_available(x, w):
@@ -123,14 +123,14 @@ def _block_modules(c: int, groups: int = 4):
 def _scheme_variant(scheme: SchemeMlp, kernel: str) -> Callable[[torch.Tensor], torch.Tensor]:
     fc1, fc2 = scheme.fc1, scheme.fc2
     if kernel == "unfused":
-        return lambda x: bd._mlp_tokens_unfused(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, F.gelu)
+        return lambda x: bd.mlp_per_group(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, F.gelu)
     if kernel == "unfused_inplace":  # the same, GELU in place on each fc1 output (what eval would run untiled)
-        return lambda x: bd._mlp_tokens_unfused(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, scheme._group_hidden)
+        return lambda x: bd.mlp_per_group(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, scheme.group_hidden)
     if kernel == "tiled":  # the tiled no-autograd kernel, called directly (whatever block_diagonal_mlp picks)
-        return lambda x: bd._mlp_tokens_forward(x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias, fc2.weight,
-                                                fc2.bias, scheme._group_hidden).view(*x.shape[:-1], -1)
+        return lambda x: bd.mlp_tiles_forward(x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias, fc2.weight,
+                                                fc2.bias, scheme.group_hidden).view(*x.shape[:-1], -1)
     if kernel == "batched":
-        return lambda x: bd._mlp_tokens_batched(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, F.gelu)
+        return lambda x: bd.mlp_batched(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, F.gelu)
     if kernel == "layered":
         return lambda x: fc2(F.gelu(fc1(x)))
     if kernel == "recompute":

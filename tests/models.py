@@ -23,7 +23,7 @@ ARCHITECTURES = {
 
 def create(key: str, **extra) -> timm.models.VisionTransformer:
     kwargs, _ = ARCHITECTURES[key]
-    return timm.create_model(key.split(".")[0], pretrained=False, num_classes=10, **kwargs, **extra)
+    return timm.create_model(key.split(".")[0], pretrained=False, **{"num_classes": 10, **kwargs, **extra})
 
 
 def example_input(key: str, batch: int = 2) -> torch.Tensor:

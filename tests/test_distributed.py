@@ -171,11 +171,18 @@ def _spawn(folder: Path) -> None:
         context = mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD_SIZE,
                                      start_method="spawn", join=False)
     deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD_SIZE} spawned ranks did not finish within {TIMEOUT_S}s")
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"the {WORLD_SIZE} spawned ranks did not finish within {TIMEOUT_S}s")
+    except mp.ProcessExitedException:
+        # gloo's teardown has aborted a rank at exit ("terminate called without an active exception") after
+        # the barrier, i.e. after every result was written; a rank that died before writing still fails here
+        written = all((folder / f"{s}_rank{r}.pt").is_file() for s in SCENARIOS for r in range(WORLD_SIZE))
+        if not written:
+            raise
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,17 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.metaformer import StarReLU
 
-import timm_scheme.layers.block_diagonal as bd
-import timm_scheme.layers.cca as cca_mod
+import timm_scheme.kernels.block_diagonal as bd
+import timm_scheme.kernels.cca as cca_mod
+from timm_scheme.kernels import dispatch
 from timm_scheme.layers import ChannelCovarianceAttention, SchemeMlp
-from timm_scheme.layers.mlp import _is_elementwise
+from timm_scheme.kernels.dispatch import is_elementwise as _is_elementwise
 
 
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 64 tokens, so a few hundred tokens cover several tiles and a remainder."""
-    monkeypatch.setattr(bd, "_TILE_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(bd, "TILE_BYTES_PER_THREAD", 1)
 
 
 def dense(weight: torch.Tensor) -> torch.Tensor:
@@ -43,8 +44,8 @@ def assert_close_all(got, want, **tol):
 
 LINEAR_KERNELS = {
     "dispatch": bd.block_diagonal_linear,
-    "per_group": bd._linear_per_group,
-    "batched": bd._linear_batched,
+    "per_group": lambda x, w, b: bd.linear_per_group(x, w, b, w.shape[0], w.shape[2], w.shape[1]),
+    "batched": bd.linear_batched,
 }
 
 
@@ -68,7 +69,7 @@ def test_linear_into_slices_matches_dense_without_autograd(bias):
     w, b = params(4, 32, 16, bias=bias)
     x = torch.randn(5, 9, 16)
     with torch.no_grad():
-        torch.testing.assert_close(bd._linear_into_slices(x, w, b), F.linear(x, dense(w), b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bd.linear_into_slices(x, w, b), F.linear(x, dense(w), b), rtol=1e-5, atol=1e-5)
         # the dispatcher takes that path without autograd, on a non-contiguous input too
         xt = torch.randn(9, 5, 16).transpose(0, 1)
         torch.testing.assert_close(bd.block_diagonal_linear(xt, w, b), F.linear(xt, dense(w), b),
@@ -137,10 +138,10 @@ def mlp_params(groups, c, hidden, gated, dtype=torch.float32, bias=True):
 TOKEN_KERNELS = {
     "dispatch": lambda *a: bd.block_diagonal_mlp(*a[:6], act_params=a[6]),
     "dispatch_recompute": lambda *a: bd.block_diagonal_mlp(*a[:6], act_params=a[6], recompute=True),
-    "tiled_autograd_fn": lambda x, w1, b1, w2, b2, fn, ap: bd._TiledBlockDiagonalMlp.apply(
+    "tiled_autograd_fn": lambda x, w1, b1, w2, b2, fn, ap: bd.TiledBlockDiagonalMlp.apply(
         x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, fn, *ap).reshape(*x.shape[:-1], w2.shape[0] * w2.shape[1]),
-    "unfused": lambda x, w1, b1, w2, b2, fn, ap: bd._mlp_tokens_unfused(x, w1, b1, w2, b2, fn),
-    "batched": lambda x, w1, b1, w2, b2, fn, ap: bd._mlp_tokens_batched(x, w1, b1, w2, b2, fn),
+    "unfused": lambda x, w1, b1, w2, b2, fn, ap: bd.mlp_per_group(x, w1, b1, w2, b2, fn),
+    "batched": lambda x, w1, b1, w2, b2, fn, ap: bd.mlp_batched(x, w1, b1, w2, b2, fn),
 }
 
 
@@ -172,7 +173,7 @@ def test_tiled_forward_without_autograd_matches_dense(bias, small_tiles):
     w1, b1, w2, b2 = mlp_params(4, 16, 64, gated=False, bias=bias)
     x = torch.randn(200, 16)
     with torch.no_grad():
-        y = bd._mlp_tokens_forward(x, w1, b1, w2, b2, F.gelu)
+        y = bd.mlp_tiles_forward(x, w1, b1, w2, b2, F.gelu)
         torch.testing.assert_close(y, reference_mlp(x, w1, b1, w2, b2, F.gelu), rtol=1e-5, atol=1e-5)
 
 
@@ -185,7 +186,7 @@ def test_tiled_mlp_gradcheck_float64(gated, small_tiles):
     x = torch.randn(130, 4, dtype=torch.float64, requires_grad=True)  # 3 tiles of 64
 
     def run(x, w1, b1, w2, b2, scale, shift):
-        return bd._TiledBlockDiagonalMlp.apply(x, w1, b1, w2, b2, fn, scale, shift)
+        return bd.TiledBlockDiagonalMlp.apply(x, w1, b1, w2, b2, fn, scale, shift)
 
     assert torch.autograd.gradcheck(run, (x, w1, b1, w2, b2, act.scale, act.bias))
 
@@ -213,7 +214,7 @@ def test_nchw_mlp_both_layouts_match_dense(gated, small_tiles, monkeypatch):
     g = torch.randn_like(ref)
     ref_grads = grads(ref, (x, w1, b1, w2, b2), g)
     for on_tokens in (True, False):
-        monkeypatch.setattr(bd, "nchw_on_tokens", lambda t, v=on_tokens: v)
+        monkeypatch.setattr(dispatch, "nchw_on_tokens", lambda t, v=on_tokens: v)
         fn = group_hidden(act, gated, True, dim=-1 if on_tokens else 1)
         y = bd.block_diagonal_mlp_nchw(x, w1, b1, w2, b2, fn)
         assert y.is_contiguous()
@@ -225,7 +226,7 @@ def test_nchw_mlp_both_layouts_match_dense(gated, small_tiles, monkeypatch):
 
 def layered(mlp: SchemeMlp):
     """The same module forced onto the layered path (fc1 -> act -> fc2 modules)."""
-    mlp._fused_kernel_ok = lambda: False
+    mlp.fused_kernel_ok = lambda: False
     return mlp
 
 
@@ -240,7 +241,7 @@ def test_scheme_mlp_fast_path_equals_layered_path(use_conv, gated, act_layer, re
     fast.recompute_hidden = recompute
     slow = layered(SchemeMlp(16, 32, **kw))
     slow.load_state_dict(fast.state_dict())
-    assert fast._fused_kernel_ok()
+    assert fast.fused_kernel_ok()
     x = torch.randn(2, 16, 9, 8) if use_conv else torch.randn(2, 90, 16)
     for mode in ("train", "eval"):
         fast.train(mode == "train")
@@ -287,7 +288,7 @@ def test_fast_path_falls_back_when_something_mixes_groups(change):
         mlp.act = type("MyAct", (nn.Module,), {"forward": lambda self, x: x * 2})()
     elif change == "channel_act":
         mlp.act = nn.PReLU(32)
-    assert not mlp._fused_kernel_ok()
+    assert not mlp.fused_kernel_ok()
     x = torch.randn(10, 16)  # 2-D, so PReLU's channel dim is the last one
     ref = reference_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
                         lambda h: mlp.norm(mlp.act(h.clone())))
@@ -295,7 +296,7 @@ def test_fast_path_falls_back_when_something_mixes_groups(change):
     with torch.no_grad():
         torch.testing.assert_close(mlp.bd_mlp(x), ref, rtol=1e-5, atol=1e-5)
     if change == "dropout":
-        assert mlp._fused_kernel_ok()  # dropout only matters while training
+        assert mlp.fused_kernel_ok()  # dropout only matters while training
 
 
 def test_elementwise_activation_detection():
@@ -349,7 +350,7 @@ def test_cca_function_gradcheck_with_separate_keys():
     keys = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
     for channels_last in (False, True):
         assert torch.autograd.gradcheck(
-            lambda t, k: cca_mod._CovarianceAttention.apply(t, k, 0.3, channels_last), (tokens, keys))
+            lambda t, k: cca_mod.CovarianceAttention.apply(t, k, 0.3, channels_last), (tokens, keys))
 
 
 def test_cca_skip_keeps_gradients_on_the_mixing_weights():

@@ -324,21 +324,11 @@ class Fc2Refit:
 
 
 def mixer_hidden(mixer: SchemeMlp, x: torch.Tensor) -> torch.Tensor:
-    """A SchemeMlp's hidden activations (fc2's input) for (tokens, in_features), computed layer by layer."""
-    h = F.linear(x, mixer.fc1.dense_weight(), mixer.fc1.bias)
-    if mixer.gated:
-        return _hidden_norm(mixer, mixer._glu(h))
-    if mixer.norm_first:
-        return mixer.act(_hidden_norm(mixer, h))
-    return _hidden_norm(mixer, mixer.act(h))
-
-
-def _hidden_norm(mixer: SchemeMlp, h: torch.Tensor) -> torch.Tensor:
-    if isinstance(mixer.norm, nn.Identity):
-        return h
-    if mixer.use_conv:  # an NCHW norm (BatchNorm2d, LayerNorm2d): one token is a 1x1 map
-        return mixer.norm(h[:, :, None, None]).flatten(1)
-    return mixer.norm(h)
+    """A SchemeMlp's hidden activations (fc2's input) for (tokens, in_features): ``SchemeMlp.hidden`` on
+    tokens, as 1x1 maps for an NCHW mixer."""
+    if mixer.use_conv:
+        return mixer.hidden(x[:, :, None, None]).flatten(1)
+    return mixer.hidden(x)
 
 
 # --- copying the kept blocks ---------------------------------------------------------------------------

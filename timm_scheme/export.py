@@ -3,7 +3,7 @@
 
     timm-scheme export --model deit_tiny_patch16_224 --groups 4 --expansion 8 \\
         --checkpoint output/train/model_best.pth.tar --output out/scheme-deit-tiny [--push-to-hub org/name] \\
-        [--onnx out/scheme-deit-tiny.onnx]
+        [--onnx out/scheme-deit-tiny.onnx] [--torchscript out/scheme-deit-tiny.pt]
 
 The checkpoint is read with ``torch.load(weights_only=True)``: timm's train-script format (a dict with
 ``state_dict`` / ``state_dict_ema``, its ``args`` allowed), a bare state dict, or a ``.safetensors`` file.
@@ -30,7 +30,9 @@ from .fuse import fuse_for_inference, max_relative_difference, scheme_mixers
 from .io import save_pretrained
 from .io.format import CheckpointFormatError
 from .io.hub import push_folder_to_hub
-from .io.onnx import OnnxVerificationError, export_onnx
+from .io.artifacts import ExportVerificationError
+from .io.onnx import export_onnx
+from .io.torchscript import export_torchscript
 from .io.weights import check_state_dict, read_training_checkpoint
 from .patch import is_patched, patch_structure
 from .stats import count_macs, count_params
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", default=None, metavar="PATH",
                         help="also write the fused model as an ONNX file (dynamic batch, checked in onnxruntime; "
                              "needs onnx, onnxscript, onnxruntime)")
+    parser.add_argument("--torchscript", default=None, metavar="PATH",
+                        help="also write the fused model as a TorchScript file (torch.jit.script; load with "
+                             "torch.jit.load), checked against the eager model")
     model = parser.add_argument_group("model (defaults: the checkpoint's training args, if any)")
     model.add_argument("--model", default=None, help="timm model name that was patched")
     model.add_argument("--num-classes", type=int, default=None,
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", UserWarning)  # fuse_for_inference's warning is in the report
             return _run(args)
     except (CheckpointFormatError, FileNotFoundError, FileExistsError, ValueError, ImportError,
-            OnnxVerificationError) as e:
+            ExportVerificationError) as e:
         print(f"error: {e}")
         return 2
 
@@ -97,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.overwrite:  # fail before the slow part; save_pretrained checks it again
         raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
-    _check_onnx_option(args)
+    _check_file_options(args)
 
     _step(1, f"reading {args.checkpoint} (torch.load weights_only=True)")
     state_dict, info = read_training_checkpoint(args.checkpoint, use_ema=args.use_ema)
@@ -151,6 +156,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.onnx:
         onnx_path = export_onnx(model, args.onnx, input_size=input_size)
         print(f"      wrote {onnx_path}: onnxruntime reproduces the model's outputs (batch dimension dynamic)")
+    if args.torchscript:
+        script_path = export_torchscript(model, args.torchscript, input_size=input_size)
+        print(f"      wrote {script_path}: the scripted model reproduces the eager outputs")
 
     commit = None
     if args.push_to_hub:
@@ -182,6 +190,9 @@ def _run(args: argparse.Namespace) -> int:
     rows += [(f"  {p.name}", f"{p.stat().st_size:,} bytes") for p in sorted(folder.iterdir())]
     if args.onnx:
         rows.append(("onnx", f"{args.onnx} ({Path(args.onnx).stat().st_size:,} bytes, checked in onnxruntime)"))
+    if args.torchscript:
+        rows.append(("torchscript", f"{args.torchscript} ({Path(args.torchscript).stat().st_size:,} bytes, "
+                                    "checked against eager)"))
     rows.append(("written", str(folder)))
     if commit is not None:
         rows.append(("pushed", commit.pr_url or commit.commit_url))
@@ -193,14 +204,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_onnx_option(args: argparse.Namespace) -> None:
-    """Fail before the slow part: --onnx exports the fused model, and replaces a file only with --overwrite."""
-    if not args.onnx:
-        return
-    if args.no_fuse:
-        raise ValueError("--onnx exports the fused inference form; drop --no-fuse, or drop --onnx")
-    if Path(args.onnx).exists() and not args.overwrite:
-        raise FileExistsError(f"--onnx {args.onnx} already exists; pass --overwrite to replace it")
+def _check_file_options(args: argparse.Namespace) -> None:
+    """Fail before the slow part: --onnx and --torchscript export the fused model, and replace a file only with
+    --overwrite."""
+    for flag, value in (("--onnx", args.onnx), ("--torchscript", args.torchscript)):
+        if not value:
+            continue
+        if args.no_fuse:
+            raise ValueError(f"{flag} exports the fused inference form; drop --no-fuse, or drop {flag}")
+        if Path(value).exists() and not args.overwrite:
+            raise FileExistsError(f"{flag} {value} already exists; pass --overwrite to replace it")
 
 
 def model_is_fused(model: nn.Module) -> bool:

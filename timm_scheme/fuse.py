@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from .layers import SchemeMlp
+from .schedule import cca_anneal_limit  # noqa: F401  (re-exported)
 
 _logger = logging.getLogger(__name__)
 
@@ -61,17 +61,6 @@ def set_cca_limit(model: nn.Module, limit: float) -> None:
     for m in scheme_mixers(model).values():
         if m.has_cca:
             m.cca_limit.fill_(limit)
-
-
-def cca_anneal_limit(progress: float, start: float = 0.5) -> float:
-    """CCA limit for an annealing schedule: 1 until ``start`` of training, then a cosine to 0 at the end.
-
-    ``progress`` is the fraction of training done; pass the result to ``set_cca_limit``.
-    """
-    if not 0.0 <= start < 1.0:
-        raise ValueError(f"cca_anneal_limit: start={start} must lie in [0, 1)")
-    t = min(max((progress - start) / (1.0 - start), 0.0), 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import timm
 import torch
 from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model, resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source, pretrained_cfg_for_features
+from timm.models._features_fx import FeatureGraphNet
 from timm.models._hub import hf_split
 from torch import nn
 
@@ -175,6 +176,13 @@ def _as_features(model: nn.Module, spec: CheckpointSpec, kwargs: Dict[str, Any],
                  cfg: Dict[str, Any]) -> nn.Module:
     """The base architecture's own features_only wrapper, patched alike and holding the loaded model's weights."""
     features = timm.create_model(spec.base_architecture, pretrained=False, features_only=True, **kwargs, **feature_args)
+    if isinstance(features, FeatureGraphNet):
+        # an FX graph of the base model would hold its dense MLP ops: trace the loaded SCHEME model instead,
+        # at the taps the base architecture's wrapper chose
+        features = FeatureGraphNet(model, out_indices=tuple(features.feature_info.out_indices),
+                                   output_fmt=features.output_fmt.value)
+        features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(cfg)
+        return features
     module_names = _normalised({name: name for name, _ in model.named_modules()})
     patched = set(scheme_mixers(model))
     _patch_like(features, spec, filter_fn=lambda m, name: _match(name, module_names) in patched)

@@ -19,7 +19,7 @@ from ..fuse import scheme_mixers
 from ..patch import find_mlps
 
 # Bump when a reader of the previous version would misread a new checkpoint.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: unfused mixers carry their annealing clock (cca_step); the CCA schedule options
 ENTRYPOINT = "scheme_patched"  # the timm registry name written as config.json's "architecture"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -3,22 +3,19 @@ temporary file beside the target and checked with onnxruntime against PyTorch be
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
-import uuid
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
-from timm.models._input import get_model_input_config
 from timm.utils.onnx import onnx_export
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
-from ..fuse import max_relative_difference, scheme_mixers
-from .save import _fsync
+from ..modes import eval_mode
+from .artifacts import (ExportVerificationError, check_fused, example_size, largest_difference, random_images,
+                        staged_file)
 
 _logger = logging.getLogger(__name__)
 
@@ -28,7 +25,7 @@ _REQUIRED_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 _MAX_WEIGHT_BYTES = 2 ** 31 - 2 ** 27
 
 
-class OnnxVerificationError(RuntimeError):
+class OnnxVerificationError(ExportVerificationError):
     """The exported ONNX graph does not reproduce the PyTorch model."""
 
 
@@ -48,30 +45,21 @@ def export_onnx(
     images: max|onnx - torch| / max|torch| must not exceed ``tolerance``. Only then does the file replace
     ``path``; any failure leaves an existing file untouched. The model is left in its training mode.
     """
-    _check_fused(model)
+    check_fused(model, "export_onnx")
     _check_options(opset, batch_size, tolerance)
     _check_packages()
     _check_weights(model)
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"export_onnx: {path} is a folder; pass a file path such as {path / 'model.onnx'}")
-    size = _input_size(model, input_size)
-    with _eval_mode(model), _staged_file(path) as staging:
-        onnx_export(model, str(staging), example_input=_random_images(model, batch_size, size, seed=0),
+    size = example_size(model, input_size, "export_onnx")
+    with eval_mode(model), staged_file(path) as staging:
+        onnx_export(model, str(staging), example_input=random_images(model, batch_size, size, seed=0),
                     opset=opset, use_dynamo=True, external_data=False, check=True)
-        error = _verify(staging, model, _random_images(model, batch_size + 1, size, seed=1), tolerance)
+        error = _verify(staging, model, random_images(model, batch_size + 1, size, seed=1), tolerance)
     _logger.info("export_onnx: wrote %s (opset %d, onnxruntime vs PyTorch: max relative difference %.2e)",
                  path, opset, error)
     return path
-
-
-def _check_fused(model: nn.Module) -> None:
-    unfused = [name for name, mixer in scheme_mixers(model).items() if mixer.has_cca]
-    if unfused:
-        shown = ", ".join(unfused[:3]) + (f" and {len(unfused) - 3} more" if len(unfused) > 3 else "")
-        raise ValueError(
-            f"export_onnx: {len(unfused)} SCHEME mixer(s) still hold their training-time CCA branch ({shown}); "
-            "call timm_scheme.fuse_for_inference(model) first and export the fused model")
 
 
 def _check_options(opset: int, batch_size: int, tolerance: float) -> None:
@@ -104,46 +92,6 @@ def _check_weights(model: nn.Module) -> None:
             "use torch.onnx.export(..., external_data=True) for a file plus a weights file")
 
 
-def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, ...]:
-    if input_size is None:
-        return tuple(get_model_input_config(model)["input_size"])
-    size = tuple(int(v) for v in input_size)
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"export_onnx: input_size={tuple(input_size)} must be (channels, height, width)")
-    return size
-
-
-def _random_images(model: nn.Module, batch: int, size: Tuple[int, ...], seed: int) -> torch.Tensor:
-    """Seeded by its own generator: exporting does not move the caller's global RNG."""
-    images = torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))
-    device = next(model.parameters(), torch.empty(0)).device
-    return images.to(device)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def _staged_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` (same file system); moved onto ``path`` in one rename on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        yield staging
-        _fsync(staging)
-        os.replace(staging, path)
-        _fsync(path.parent)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def _verify(onnx_path: Path, model: nn.Module, images: torch.Tensor, tolerance: float) -> float:
     """Largest relative difference of the ONNX graph's outputs against the model's, at another batch size."""
     import onnxruntime
@@ -153,11 +101,7 @@ def _verify(onnx_path: Path, model: nn.Module, images: torch.Tensor, tolerance: 
     if not isinstance(batch_dim, str):
         raise OnnxVerificationError(f"export_onnx: the exported batch dimension is fixed at {batch_dim}")
     got = session.run(None, {session.get_inputs()[0].name: images.cpu().numpy()})
-    with torch.no_grad():
-        want: List[torch.Tensor] = tree_leaves(model(images))
-    if len(got) != len(want):
-        raise OnnxVerificationError(f"export_onnx: the ONNX graph has {len(got)} outputs, the model {len(want)}")
-    error = max(max_relative_difference(w.float().cpu(), torch.from_numpy(g).float()) for g, w in zip(got, want))
+    error = largest_difference([torch.from_numpy(g) for g in got], model, images, "export_onnx")
     if not error <= tolerance:
         raise OnnxVerificationError(
             f"export_onnx: onnxruntime differs from PyTorch by {error:.2e} (max |onnx - torch| / max |torch|, "

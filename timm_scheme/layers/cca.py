@@ -1,61 +1,10 @@
 """ Channel covariance attention (CCA): a parameter-free channel mixer used by SCHEME in training.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def _product(a: torch.Tensor, b: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """Y = A X for channels-first X (B, C, N); for channels-last X (B, N, C), its transpose X A^T."""
-    return torch.bmm(b, a.transpose(1, 2)) if channels_last else torch.bmm(a, b)
-
-
-class _CovarianceAttention(torch.autograd.Function):
-    """ A = softmax(scale * K K^T), Y = A X, with X and K viewed channels-first (B, C, N); K = X if keys is None.
-
-    Hand-written backward: 3 batched GEMMs (autograd's takes 4 and an extra add) and nothing saved but
-    X, K and the (B, C, C) attention.
-    """
-
-    @staticmethod
-    def forward(ctx, tokens, keys, scale: float, channels_last: bool):
-        k = tokens if keys is None else keys
-        # tokens/keys are channels-first views; for channels-last input they are transposed, which
-        # bmm reads in place (a transposed operand), so no copy is made either way
-        logits = torch.bmm(k, k.transpose(1, 2)).mul_(scale)
-        attn = torch.softmax(logits, dim=-1)
-        ctx.scale, ctx.channels_last = scale, channels_last
-        ctx.save_for_backward(tokens, keys, attn)
-        base = tokens.transpose(1, 2) if channels_last else tokens
-        return _product(attn, base, channels_last)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # saved_tensors is read once: under non-reentrant activation checkpointing (timm's
-        # set_grad_checkpointing) a second read raises "Unpack is being triggered ... already unpacked once"
-        tokens, keys, attn = ctx.saved_tensors
-        # a backward() called under autocast must not lower these products (attn is float32)
-        with torch.autocast(device_type=grad_out.device.type, enabled=False):
-            return _CovarianceAttention._backward(ctx, grad_out.to(attn.dtype), tokens, keys, attn)
-
-    @staticmethod
-    def _backward(ctx, grad_out, tokens, keys, attn):
-        channels_last = ctx.channels_last
-        grad = grad_out.transpose(1, 2) if channels_last else grad_out   # channels-first view
-        grad_attn = torch.bmm(grad, tokens.transpose(1, 2))              # dA = G X^T
-        grad_logits = torch._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
-        sym = (grad_logits + grad_logits.transpose(1, 2)).mul_(ctx.scale)  # d(K K^T) is symmetric
-        # dX = A^T G (+ M K when K is X), returned in the layout of the input (contiguous in its own view)
-        grad_in = _product(attn.transpose(1, 2), grad_out, channels_last)
-        k = tokens if keys is None else keys
-        k_base = k.transpose(1, 2) if channels_last else k
-        grad_k = _product(sym, k_base, channels_last)
-        if keys is None:
-            grad_in, grad_k = grad_in.add_(grad_k), None
-        if channels_last:  # back to the (B, C, N) views the inputs were
-            grad_in = grad_in.transpose(1, 2)
-            grad_k = grad_k.transpose(1, 2) if grad_k is not None else None
-        return grad_in, grad_k, None, None
+from ..kernels import covariance_attention, covariance_attention_plain
+from ..kernels.dispatch import tracing
 
 
 class ChannelCovarianceAttention(nn.Module):
@@ -74,17 +23,15 @@ class ChannelCovarianceAttention(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32; float64 stays float64
-        # logits and softmax in float32 even under autocast: X^T X grows with the token count
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if self.channels_last:
-                tokens = x.reshape(b, -1, x.shape[-1]).to(dtype).transpose(1, 2)   # (B, C, N) view
-            else:
-                tokens = x.reshape(b, x.shape[1], -1).to(dtype)                    # (B, C, N)
-            keys = F.normalize(tokens, dim=2) if self.normalize else None
-            out = _CovarianceAttention.apply(tokens, keys, self.scale, self.channels_last)
-        return out.to(x.dtype).reshape(x.shape)
+        if torch.jit.is_scripting():
+            return covariance_attention_plain(x, self.scale, self.normalize, self.channels_last)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing():
+            return covariance_attention_plain(x, self.scale, self.normalize, self.channels_last)
+        return covariance_attention(x, self.scale, self.normalize, self.channels_last)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}, normalize={self.normalize}, channels_last={self.channels_last}"

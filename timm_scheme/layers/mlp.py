@@ -7,20 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .block_diagonal import (
-    BlockDiagonalConv1x1, BlockDiagonalLinear, block_diagonal_mlp, block_diagonal_mlp_nchw, nchw_on_tokens)
+from .. import schedule
+from ..kernels import block_diagonal_mlp, block_diagonal_mlp_nchw
+from ..kernels.dispatch import is_elementwise, nchw_on_tokens, tracing
+from .block_diagonal import BlockDiagonalConv1x1, BlockDiagonalLinear
 from .cca import ChannelCovarianceAttention
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch builds without distributed support
     DTensor = None
-
-# activations that mix channels or draw random numbers: the fused kernels apply the activation one
-# group and one token tile at a time (and recompute it in backward), so these take the layered path
-_NOT_ELEMENTWISE = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn.RReLU, nn.MultiheadAttention)
-_ELEMENTWISE_MODULES = ('torch.nn.modules.activation', 'timm.layers.activations')
-_ELEMENTWISE_TYPES = ('timm.models.metaformer.StarReLU',)
 
 
 def _pair(value):
@@ -32,20 +28,10 @@ def _is_sharded(t: Optional[torch.Tensor]) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def _is_elementwise(act: nn.Module) -> bool:
-    """A known activation type that maps every element on its own (scalar parameters at most)."""
-    if isinstance(act, _NOT_ELEMENTWISE):
-        return False
-    kind = type(act)
-    if not (isinstance(act, nn.Identity) or kind.__module__.startswith(_ELEMENTWISE_MODULES)
-            or f"{kind.__module__}.{kind.__qualname__}" in _ELEMENTWISE_TYPES):
-        return False
-    return all(t.numel() <= 1 for t in (*act.parameters(), *act.buffers()))
-
-
 class SchemeMlp(nn.Module):
     """ SCHEME mixer: y = alpha * BD_MLP(x) + (1 - alpha) * CCA(x) in training, alpha * BD_MLP(x) in eval.
-    (alpha, 1 - alpha) = softmax(mix_logits); `fuse()` folds alpha into fc2 and drops CCA for inference.
+    (alpha, 1 - alpha) = softmax(mix_logits), the CCA weight capped by an annealing schedule over optimizer
+    steps (`cca_anneal_steps`); `fuse()` folds alpha into fc2 and drops CCA for inference.
 
     NOTE: When use_conv=True, expects 2D NCHW tensors, otherwise N*C expected.
     `hidden_features` counts hidden units (fc2's input); when gated, fc1 makes a value and a gate per unit,
@@ -69,6 +55,8 @@ class SchemeMlp(nn.Module):
             cca_scale: Optional[float] = None,
             cca_normalize: bool = False,
             alpha_init: float = 0.5,
+            cca_anneal_steps: int = 0,
+            cca_anneal_start: float = 0.5,
             device=None,
             dtype=None,
     ):
@@ -88,6 +76,9 @@ class SchemeMlp(nn.Module):
                 "pass cca=False for this layer")
         if not 0.0 < alpha_init < 1.0:
             raise ValueError(f"SchemeMlp: alpha_init={alpha_init} must lie strictly between 0 and 1")
+        if cca_anneal_steps < 0 or not 0.0 <= cca_anneal_start < 1.0:
+            raise ValueError(f"SchemeMlp: cca_anneal_steps={cca_anneal_steps} must be >= 0 and "
+                             f"cca_anneal_start={cca_anneal_start} in [0, 1)")
         linear_layer = BlockDiagonalConv1x1 if use_conv else BlockDiagonalLinear
         self.use_conv = use_conv
         self.groups = groups
@@ -110,34 +101,65 @@ class SchemeMlp(nn.Module):
             # logits of (alpha, 1 - alpha); kept 1-D so timm's optimizer factories exempt them from weight decay
             logits = torch.tensor([math.log(alpha_init), math.log(1.0 - alpha_init)], device=device)
             self.mix_logits = nn.Parameter(logits)
-            # multiplies the CCA weight: 1 = free, annealed to 0 to force CCA out by the end of training
+            # a cap on the CCA weight set by hand (set_cca_limit): 1 = free, 0 = CCA off
             self.register_buffer('cca_limit', torch.ones((), device=device))
+            # optimizer steps taken: the annealing schedule's clock (an integer, so EMA copies it as it is)
+            self.register_buffer('cca_step', torch.zeros((), dtype=torch.long, device=device))
         else:
             self.cca = None
             self.register_parameter('mix_logits', None)
             self.register_buffer('cca_limit', None)
+            self.register_buffer('cca_step', None)
+        self.cca_anneal_steps = int(cca_anneal_steps)
+        self.cca_anneal_start = float(cca_anneal_start)
+        self._steps_done = 0  # cca_step as a Python int: skip decisions without a device sync
         self.cca_skip_threshold = 0.0
         self.cca_in_eval = False  # set by fuse_for_inference to measure what fusing discards
-        # the last skip decision, a plain bool so torch.compile reads it without a host sync
+        # the last skip decision, a plain bool so torch.compile and traced forms read it without a host sync
         self._cca_skipped = False
         # training on CPU: recompute each hidden tile in backward instead of keeping the (tokens, hidden)
         # activations; saves most of the mixer's activation memory for a few % more step time
         self.recompute_hidden = False
+        if self.cca is not None:
+            schedule.track(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.cca is not None:  # a deep copy (or unpickled model) trains with its own clock
+            schedule.track(self)
 
     @property
     def has_cca(self) -> bool:
         return self.cca is not None
 
+    # --- the mixing weights and their annealing ---------------------------------------------------------
+
+    def _anneal_factor(self) -> torch.Tensor:
+        """The cap on the CCA weight: the hand-set limit times the schedule, 1 until `cca_anneal_start` of
+        `cca_anneal_steps` optimizer steps, then a cosine to exactly 0 at the last step."""
+        limit = self.cca_limit.float()
+        if self.cca_anneal_steps <= 0:
+            return limit
+        start = self.cca_anneal_start * self.cca_anneal_steps
+        progress = ((self.cca_step.float() - start) / (self.cca_anneal_steps - start)).clamp(0.0, 1.0)
+        schedule = torch.where(progress >= 1.0, torch.zeros_like(progress),
+                               0.5 * (1.0 + torch.cos(progress * math.pi)))
+        return limit * schedule
+
     def mixing_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(alpha, 1 - alpha) as scalars of at least float32, after the annealing limit."""
+        """(alpha, 1 - alpha) as scalars of at least float32, after the annealing cap."""
         dtype = torch.promote_types(self.mix_logits.dtype, torch.float32)
         weights = torch.softmax(self.mix_logits.to(dtype), dim=0)
-        cca_weight = weights[1] * self.cca_limit.to(dtype)
+        cca_weight = weights[1] * self._anneal_factor().to(dtype)
         return 1.0 - cca_weight, cca_weight
+
+    def _cca_weight_plain(self) -> torch.Tensor:
+        # traced and scripted forms: float32 (FX cannot branch on a parameter's dtype)
+        return torch.softmax(self.mix_logits.float(), dim=0)[1] * self._anneal_factor()
 
     def cca_weight(self, learnt: bool = False) -> float:
         """1 - alpha: how much the CCA branch contributes (0.0 once fused or without CCA).
-        ``learnt=True`` gives the value the mixing logits hold, before the annealing limit."""
+        ``learnt=True`` gives the value the mixing logits hold, before the annealing cap."""
         if self.cca is None:
             return 0.0
         with torch.no_grad():
@@ -145,82 +167,41 @@ class SchemeMlp(nn.Module):
                 return float(torch.softmax(self.mix_logits.float(), dim=0)[1])
             return float(self.mixing_weights()[1])
 
-    def _glu(self, x: torch.Tensor) -> torch.Tensor:
-        dim = 1 if self.use_conv else x.dim() - 1
-        shape = list(x.shape)
-        shape[dim:dim + 1] = [self.groups, 2, shape[dim] // (2 * self.groups)]
-        first, second = x.reshape(shape).unbind(dim + 1)
-        out = first * self.act(second) if self.gate_last else self.act(first) * second
-        return out.flatten(dim, dim + 1)
+    @property
+    def cca_annealed_out(self) -> bool:
+        """The schedule has driven the CCA weight to exactly 0 (by the step count alone, no device sync)."""
+        return self.cca_anneal_steps > 0 and self._steps_done >= self.cca_anneal_steps
 
-    def _act_maybe_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        # without autograd the fused kernels hand over a scratch tile: overwriting it saves an allocation
-        # and a pass over memory (about 10% of the fused MLP on CPU)
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            kind = type(self.act)
-            if kind is nn.GELU:
-                return torch.ops.aten.gelu_(x, approximate=self.act.approximate)
-            if kind in (nn.ReLU, nn.SiLU):
-                return torch.relu_(x) if kind is nn.ReLU else F.silu(x, inplace=True)
-        return self.act(x)
+    @torch.no_grad()
+    def advance_cca_schedule(self, steps: int = 1) -> None:
+        """Count optimizer steps on the annealing clock (timm_scheme does it after every optimizer step that
+        updates this mixer's mixing logits)."""
+        if self.cca is None:
+            return
+        self.cca_step.add_(steps)
+        self._steps_done += steps
+        if self.cca_annealed_out:
+            self._cca_skipped = True
 
-    def _group_hidden(self, x: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
-        """Hidden units of one group from its slice of fc1's output (channels on `channel_dim`).
-        May overwrite `x` when autograd is off (the fused kernels pass a scratch tile)."""
-        if not self.gated:
-            return self._act_maybe_inplace(x)
-        first, second = x.chunk(2, dim=channel_dim)
-        if self.gate_last:
-            return first * self._act_maybe_inplace(second)
-        return self._act_maybe_inplace(first) * second
-
-    def _group_hidden_nchw(self, x: torch.Tensor) -> torch.Tensor:
-        return self._group_hidden(x, channel_dim=1)
-
-    def _fused_kernel_ok(self) -> bool:
-        """The fused kernels run fc1 -> activation/gate -> fc2 per group: nothing may mix groups between
-        the projections (a hidden norm) nor be random (dropout while training) nor write in place."""
-        if not isinstance(self.norm, nn.Identity) or not _is_elementwise(self.act):
-            return False
-        if self.training and self.drop1.p > 0:
-            return False
-        return not getattr(self.act, 'inplace', False)
-
-    def bd_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """The block-diagonal MLP branch alone."""
-        if self._fused_kernel_ok():
-            fc1, fc2 = self.fc1, self.fc2
-            act_params = tuple(self.act.parameters())
-            if self.use_conv:
-                hidden_fn = self._group_hidden if nchw_on_tokens(x) else self._group_hidden_nchw
-                x = block_diagonal_mlp_nchw(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, hidden_fn, act_params,
-                                            recompute=self.recompute_hidden)
-            else:
-                x = block_diagonal_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self._group_hidden, act_params,
-                                       recompute=self.recompute_hidden)
-            return self.drop2(x)
-        x = self.fc1(x)
-        if self.gated:
-            x = self._glu(x)
-            x = self.drop1(x)
-            x = self.norm(x)
-        elif self.norm_first:
-            x = self.norm(x)
-            x = self.act(x)
-            x = self.drop1(x)
-        else:
-            x = self.act(x)
-            x = self.drop1(x)
-            x = self.norm(x)
-        x = self.fc2(x)
-        x = self.drop2(x)
-        return x
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.cca_step is not None and prefix + 'cca_step' not in state_dict and prefix + 'mix_logits' in state_dict:
+            # written before the clock existed (checkpoint format 1): no steps counted yet
+            state_dict[prefix + 'cca_step'] = torch.zeros_like(self.cca_step)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.cca_step is not None and not self.cca_step.is_meta:
+            self._steps_done = int(self.cca_step)  # a resumed run continues the schedule where it stopped
+            self.update_cca_skip()
 
     def update_cca_skip(self) -> bool:
-        """Decide from the mixing weights (identical on every rank) whether training skips the CCA branch.
-        Eager forwards decide on every call; a torch.compile'd forward reuses the last decision (no host
-        sync, no graph break), which `train()` and this method refresh. Returns the decision."""
-        if self.cca is None or self.cca_skip_threshold <= 0:
+        """Decide whether training skips the CCA branch: annealed out, or (with `cca_skip_threshold`) a weight
+        below the threshold, read from the mixing weights (identical on every rank). Eager forwards decide on
+        every call; torch.compile'd and traced forwards reuse the last decision (no host sync, no graph
+        break), which `train()` and this method refresh. Returns the decision."""
+        if self.cca is None:
+            self._cca_skipped = False
+        elif self.cca_annealed_out:
+            self._cca_skipped = True
+        elif self.cca_skip_threshold <= 0:
             self._cca_skipped = False
         else:
             with torch.no_grad():
@@ -235,13 +216,115 @@ class SchemeMlp(nn.Module):
             self.update_cca_skip()
         return self
 
+    # --- the block-diagonal MLP -------------------------------------------------------------------------
+
+    def _glu(self, x: torch.Tensor) -> torch.Tensor:
+        dim = 1 if self.use_conv else -1
+        xg = x.unflatten(dim, (self.groups, 2, -1))
+        pair_dim = 2 if self.use_conv else -2
+        first, second = xg.select(pair_dim, 0), xg.select(pair_dim, 1)
+        out = first * self.act(second) if self.gate_last else self.act(first) * second
+        return out.flatten(1, 2) if self.use_conv else out.flatten(-2)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """fc2's input: fc1, then the activation (or gate), dropout and hidden norm in the order the replaced
+        MLP had them."""
+        x = self.fc1(x)
+        if self.gated:
+            x = self._glu(x)
+            x = self.drop1(x)
+            x = self.norm(x)
+        elif self.norm_first:
+            x = self.norm(x)
+            x = self.act(x)
+            x = self.drop1(x)
+        else:
+            x = self.act(x)
+            x = self.drop1(x)
+            x = self.norm(x)
+        return x
+
+    def _act_maybe_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        # without autograd the fused kernels hand over a scratch tile: overwriting it saves an allocation
+        # and a pass over memory (about 10% of the fused MLP on CPU)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            kind = type(self.act)
+            if kind is nn.GELU:
+                return torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+            if kind in (nn.ReLU, nn.SiLU):
+                return torch.relu_(x) if kind is nn.ReLU else F.silu(x, inplace=True)
+        return self.act(x)
+
+    def group_hidden(self, x: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
+        """Hidden units of one group from its slice of fc1's output (channels on `channel_dim`): what the fused
+        kernels apply between the projections. May overwrite `x` when autograd is off (a scratch tile)."""
+        if not self.gated:
+            return self._act_maybe_inplace(x)
+        first, second = x.chunk(2, dim=channel_dim)
+        if self.gate_last:
+            return first * self._act_maybe_inplace(second)
+        return self._act_maybe_inplace(first) * second
+
+    def _group_hidden_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group_hidden(x, channel_dim=1)
+
+    def fused_kernel_ok(self) -> bool:
+        """The fused kernels run fc1 -> activation/gate -> fc2 per group: nothing may mix groups between
+        the projections (a hidden norm) nor be random (dropout while training) nor write in place."""
+        if not isinstance(self.norm, nn.Identity) or not is_elementwise(self.act):
+            return False
+        if self.training and self.drop1.p > 0:
+            return False
+        return not getattr(self.act, 'inplace', False)
+
+    def _gelu_mode(self) -> Optional[str]:
+        """The `approximate` mode when the hidden function is a bare GELU (the CPU training kernel then
+        calls its backward directly)."""
+        return self.act.approximate if type(self.act) is nn.GELU and not self.gated else None
+
+    def bd_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The block-diagonal MLP branch alone."""
+        if tracing() or torch.jit.is_scripting() or not self.fused_kernel_ok():
+            return self.drop2(self.fc2(self.hidden(x)))
+        fc1, fc2 = self.fc1, self.fc2
+        act_params = tuple(self.act.parameters())
+        if self.use_conv:
+            hidden_fn = self.group_hidden if nchw_on_tokens(x) else self._group_hidden_nchw
+            x = block_diagonal_mlp_nchw(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, hidden_fn, act_params,
+                                        recompute=self.recompute_hidden, gelu=self._gelu_mode())
+        else:
+            x = block_diagonal_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.group_hidden, act_params,
+                                   recompute=self.recompute_hidden, gelu=self._gelu_mode())
+        return self.drop2(x)
+
+    # --- forward ------------------------------------------------------------------------------------------
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_plain(x)
+        return self._forward_eager(x)
+
+    def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard ops only, what tracing, scripting and FX record; the last skip decision is kept."""
+        y = self.drop2(self.fc2(self.hidden(x)))
+        cca = self.cca
+        if cca is None:
+            return y
+        cca_weight = self._cca_weight_plain().to(y.dtype)
+        if (self.training or self.cca_in_eval) and not self._cca_skipped:
+            return torch.lerp(y, cca(x).to(y.dtype), cca_weight)
+        return (1.0 - cca_weight) * y
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing():
+            return self._forward_plain(x)
         y = self.bd_mlp(x)
         if self.cca is None:
             return y
         alpha, cca_weight = self.mixing_weights()
         use_cca = self.training or self.cca_in_eval
-        if use_cca and self.cca_skip_threshold > 0:
+        if use_cca and (self.cca_skip_threshold > 0 or self.cca_anneal_steps > 0):
             use_cca = not (self._cca_skipped if torch.compiler.is_compiling() else self.update_cca_skip())
         if not use_cca:
             return alpha.to(y.dtype) * y
@@ -262,8 +345,11 @@ class SchemeMlp(nn.Module):
         self.cca = None
         self.mix_logits = None
         self.cca_limit = None
+        self.cca_step = None
+        self._cca_skipped = False
         return self
 
     def extra_repr(self) -> str:
         gate = f", gated=True, gate_last={self.gate_last}" if self.gated else ""
-        return f"groups={self.groups}, hidden_features={self.hidden_features}, cca={self.has_cca}{gate}"
+        anneal = f", cca_anneal_steps={self.cca_anneal_steps}" if self.cca is not None and self.cca_anneal_steps else ""
+        return f"groups={self.groups}, hidden_features={self.hidden_features}, cca={self.has_cca}{gate}{anneal}"
