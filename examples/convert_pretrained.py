@@ -28,10 +28,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from timm_scheme import cca_anneal_limit, fuse_for_inference, scheme_mixers, scheme_patch, set_cca_limit
+from timm_scheme import fuse_for_inference, scheme_mixers, scheme_patch
 from timm_scheme.convert import init_from_dense, layer_output_errors
 from timm_scheme.data import load_digits_tensors
-from timm_scheme.demo import short_schedule
+from timm_scheme.training import short_schedule
 from timm_scheme.distill import Distiller
 from timm_scheme.patch import find_mlps
 
@@ -84,15 +84,16 @@ def build_dense(seed: int) -> torch.nn.Module:
 
 
 def convert(dense: torch.nn.Module, kind: str, expansion: float, calibration: torch.Tensor,
-            alpha_init: float = ALPHA_INIT) -> torch.nn.Module:
-    """One conversion of the trained dense model; the dense model is left as it is."""
+            alpha_init: float = ALPHA_INIT, anneal_steps: int = 100) -> torch.nn.Module:
+    """One conversion of the trained dense model; the dense model is left as it is. CCA is annealed out over
+    the second half of the ``anneal_steps`` optimizer steps of the fine-tune."""
     model = copy.deepcopy(dense)
+    options = dict(alpha_init=alpha_init, cca_anneal_steps=anneal_steps, cca_anneal_start=0.5)
     if kind == "dense":
-        return scheme_patch(model, GROUPS, expansion, init="dense", alpha_init=alpha_init)
+        return scheme_patch(model, GROUPS, expansion, init="dense", **options)
     if kind == "dense_calibrated":
-        return scheme_patch(model, GROUPS, expansion, init="dense", alpha_init=alpha_init,
-                            calibration_data=calibration)
-    scheme_patch(model, GROUPS, expansion, alpha_init=alpha_init)
+        return scheme_patch(model, GROUPS, expansion, init="dense", calibration_data=calibration, **options)
+    scheme_patch(model, GROUPS, expansion, **options)
     if kind.startswith("diagonal"):  # the naive baseline, by the same code with the assignment fixed
         originals = dict(find_mlps(dense))
         layers = [(name, originals[name], mixer) for name, mixer in scheme_mixers(model).items()]
@@ -102,15 +103,12 @@ def convert(dense: torch.nn.Module, kind: str, expansion: float, calibration: to
 
 
 def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float, batch_size: int,
-          seed: int, anneal_start: float = 1.0, distiller: Optional[Distiller] = None) -> None:
-    """timm AdamW, warm-up + cosine, label smoothing 0.1; CCA annealed to 0 from ``anneal_start``."""
+          seed: int, distiller: Optional[Distiller] = None) -> None:
+    """timm AdamW, warm-up + cosine, label smoothing 0.1 (a SCHEME model anneals CCA by its own schedule)."""
     optimizer, scheduler = short_schedule(model, lr, steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for step in range(steps):
-        if anneal_start < 1.0:
-            # progress counted at the end of the step: the last step trains without CCA, as deployed
-            set_cca_limit(model, cca_anneal_limit((step + 1) / steps, anneal_start))
         idx = torch.randint(len(y), (batch_size,), generator=generator)
         if distiller is None:
             logits, extra = model(x[idx]), 0.0
@@ -132,7 +130,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def finetune_and_fuse(model, data, args, seed: int, distiller: Optional[Distiller] = None) -> float:
     x_train, y_train, x_test, y_test = data
     train(model, x_train, y_train, steps=args.finetune_steps, lr=args.finetune_lr, batch_size=args.batch_size,
-          seed=seed + 1, anneal_start=0.5, distiller=distiller)
+          seed=seed + 1, distiller=distiller)
     if distiller is not None:
         distiller.remove()
     fuse_for_inference(model.eval())
@@ -152,7 +150,7 @@ def run_seed(seed: int, args: argparse.Namespace, log: Callable[[str], None]) ->
         rows: Dict[str, Any] = {}
         for kind in CONVERSIONS:
             torch.manual_seed(seed)  # the same random fc1 rows for every conversion's new units
-            model = convert(dense, kind, expansion, calibration, args.alpha_init)
+            model = convert(dense, kind, expansion, calibration, args.alpha_init, args.finetune_steps)
             errors = layer_output_errors(dense, model, x_test)
             report = getattr(model, "scheme_init_report", None)
             rows[kind] = {
@@ -168,7 +166,7 @@ def run_seed(seed: int, args: argparse.Namespace, log: Callable[[str], None]) ->
                 f"fine-tuned {rows[kind]['finetuned_top1']:.2%}")
         for kind in DISTILLED_FROM:
             torch.manual_seed(seed)
-            student = convert(dense, kind, expansion, calibration, args.alpha_init)
+            student = convert(dense, kind, expansion, calibration, args.alpha_init, args.finetune_steps)
             distiller = Distiller(dense, student, temperature=2.0, logit_weight=1.0)
             rows[kind + DISTILLED] = {"finetuned_top1": finetune_and_fuse(student, data, args, seed, distiller)}
             log(f"  E={expansion:g} {kind + DISTILLED:17} fine-tuned {rows[kind + DISTILLED]['finetuned_top1']:.2%}")

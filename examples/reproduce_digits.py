@@ -5,7 +5,7 @@ CCA, on a small ViT, same training budget for every configuration, several seeds
     python examples/reproduce_digits.py --quick         # a smoke run of a couple of minutes (not the results)
     python examples/reproduce_digits.py --report-only   # table and plots again from the JSON
 
-Every training is one `timm-scheme train` run (timm_scheme/train.py). Writes to --out (default
+Every training is one `timm-scheme train` run (timm_scheme/training/run.py). Writes to --out (default
 examples/results/): digits_reproduction.json, digits_reproduction.md, digits_accuracy_vs_macs.png and
 digits_cca_weight.png; the runs' own logs and checkpoints go to --work-dir.
 """
@@ -40,7 +40,7 @@ TRAININGS = {
     "dense_e4": ["--no-scheme", "--model-kwargs", *VIT],
     "dense_e8": ["--no-scheme", "--model-kwargs", *VIT, "mlp_ratio=8"],
     "bd_e8_g4": ["--groups", "4", "--expansion", "8", "--no-cca", "--model-kwargs", *VIT],
-    "scheme_e8_g4": ["--groups", "4", "--expansion", "8", "--model-kwargs", *VIT],
+    "scheme_e8_g4": ["--groups", "4", "--expansion", "8", "--cca-anneal", "off", "--model-kwargs", *VIT],
     "scheme_e8_g4_anneal": ["--groups", "4", "--expansion", "8", "--cca-anneal-start", str(ANNEAL_START),
                             "--model-kwargs", *VIT],
 }
@@ -121,7 +121,7 @@ def _train(argv: List[str]) -> Dict[str, Any]:
     import logging
     import warnings
     import torch
-    from timm_scheme import train
+    from timm_scheme.cli import train
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from timm_scheme import scheme_patch
-from timm_scheme.fuse import scheme_mixers
+from timm_scheme import scheme_mixers
 
 from .test_train import TINY
 
@@ -46,7 +46,8 @@ TIMEOUT_S = 240
 
 def _tiny_scheme_vit(skip: bool) -> torch.nn.Module:
     model = timm.create_model("vit_tiny_patch16_224", **MODEL_KWARGS)
-    scheme_patch(model, groups=4, expansion=4)
+    # annealed over the optimizer steps (half way by the end): every rank's clock must match the reference's
+    scheme_patch(model, groups=4, expansion=4, cca_anneal_steps=2 * STEPS, cca_anneal_start=0.0)
     mixers = scheme_mixers(model)
     mixers[SKIPPED_LATER].recompute_hidden = True  # the tiled autograd.Function, under DDP/FSDP as well
     if skip:
@@ -222,7 +223,10 @@ def _assert_matches_reference(records: list, reference: dict, init: dict) -> Non
         for name, expected in reference["state"].items():
             torch.testing.assert_close(record["state"][name], expected, rtol=1e-4, atol=1e-5, msg=name)
     # the steps moved the weights far more than the tolerance: a wrong gradient cannot hide in it
-    assert max(float((reference["state"][k] - v).abs().max()) for k, v in init.items()) > 1e-2
+    assert max(float((reference["state"][k] - v).abs().max()) for k, v in init.items()
+               if v.is_floating_point()) > 1e-2
+    # the annealing clock counted every optimizer step once on every rank
+    assert {int(v) for k, v in reference["state"].items() if k.endswith("cca_step")} == {STEPS}
 
 
 def _assert_skipped_yet_learning(records: list, reference: dict) -> None:
@@ -276,7 +280,7 @@ def test_fsdp2_matches_single_process(runs, scenario):
 # ---------------------------------------------------------------------------------- the train command
 
 def test_resume_needs_the_same_process_count(tmp_path):
-    from timm_scheme.train import _load_checkpoint
+    from timm_scheme.training.run import _load_checkpoint
     torch.save(dict(epoch=1, args=dict(world_size=2)), tmp_path / "checkpoint.pth")
     with pytest.raises(SystemExit, match="written by a run of 2 process.*torchrun --nproc_per_node 2"):
         _load_checkpoint(str(tmp_path / "checkpoint.pth"), None, None, None, world_size=1)
@@ -303,7 +307,7 @@ def test_train_command_under_torchrun(tmp_path):
     # 64 images per process and step: the global batch of test_train's single-process runs. Annealing with a
     # skip threshold makes both layers skip CCA during the run, under DDP without find_unused_parameters.
     result = _torchrun(["-m", "timm_scheme.cli", "train", *TINY, "--batch-size", "64", "--epochs", "2",
-                        "--cca-anneal-start", "0", "--scheme-options", "cca_skip_threshold=0.2",
+                        "--cca-anneal-start", "0", "--cca-skip-threshold", "0.2",
                         "--output", str(out)], timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:]
     # rank 0 alone reports and writes: each message once, each file once

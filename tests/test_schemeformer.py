@@ -7,8 +7,10 @@ import timm_scheme  # noqa: F401  (importing it registers the SCHEMEformer famil
 from timm_scheme import SchemeConfig, SchemeMlp, fuse_for_inference, scheme_patch
 
 S12 = ["schemeformer_ppaa_s12_224", "schemeformer_ppaa_s12_g2_224", "schemeformer_ppaa_s12_g8_224"]
+S24 = ["schemeformer_ppaa_s24_224", "schemeformer_ppaa_s24_g2_224", "schemeformer_ppaa_s24_g8_224"]
 S36 = ["schemeformer_ppaa_s36_224", "schemeformer_ppaa_s36_g2_224", "schemeformer_ppaa_s36_g8_224"]
-GROUPS = {name: g for names in (S12, S36) for name, g in zip(names, (4, 2, 8))}
+GROUPS = {name: g for names in (S12, S24, S36) for name, g in zip(names, (4, 2, 8))}
+DEPTHS = {"s12": (2, 2, 6, 2), "s24": (4, 4, 12, 4), "s36": (6, 6, 18, 6)}
 WIDTHS = (64, 128, 320, 512)
 
 
@@ -22,20 +24,20 @@ def s12():
 
 
 def test_registered_on_import():
-    assert set(S12 + S36) <= set(timm.list_models("schemeformer*"))
+    assert set(S12 + S24 + S36) <= set(timm.list_models("schemeformer*"))
     cfg = timm.models.get_pretrained_cfg("schemeformer_ppaa_s12_224")
     assert cfg.classifier == "head.fc" and cfg.first_conv == "stem.conv" and cfg.input_size == (3, 224, 224)
     assert not (cfg.url or cfg.hf_hub_id or cfg.file)
 
 
-@pytest.mark.parametrize("name", S12 + S36)
+@pytest.mark.parametrize("name", S12 + S24 + S36)
 def test_builds_and_runs(name):
-    # the two larger S36 variants are checked for structure only, on the meta device (no memory, no time)
-    run = name in S12 or name == "schemeformer_ppaa_s36_224"
+    # the larger S24 and S36 variants are checked for structure only, on the meta device (no memory, no time)
+    run = name in S12 or name in ("schemeformer_ppaa_s24_224", "schemeformer_ppaa_s36_224")
     model = timm.create_model(name, num_classes=7, device=None if run else "meta").eval()
     assert model.scheme_config == SchemeConfig(groups=GROUPS[name], expansion=8.0)
     mixers = [m for m in model.modules() if isinstance(m, SchemeMlp)]
-    depths = (2, 2, 6, 2) if "s12" in name else (6, 6, 18, 6)
+    depths = DEPTHS[name.split("_")[2]]
     assert len(mixers) == sum(depths)
     assert all(m.groups == GROUPS[name] and m.has_cca for m in mixers)
     assert sorted({m.hidden_features for m in mixers}) == [8 * w for w in WIDTHS]
@@ -133,3 +135,27 @@ def test_patched_timm_models_stay_feature_backbones():
     with torch.no_grad():
         inter = vit.forward_intermediates(x, indices=2, intermediates_only=True)
     assert [tuple(t.shape) for t in inter] == [(1, 192, 8, 8)] * 2
+
+
+def test_mac_counts_include_attention_as_explicit_attention_does():
+    """FlopCounterMode has no formula for the CPU fused-attention kernel: the count must still include the
+    attention matmuls, i.e. equal the count of the same model run with timm's explicit attention."""
+    from timm_scheme.stats import count_macs
+
+    torch.manual_seed(0)
+    fused_attn = timm.create_model("schemeformer_ppaa_s12_224")
+    timm.layers.set_fused_attn(False)
+    try:
+        explicit = timm.create_model("schemeformer_ppaa_s12_224")
+    finally:
+        timm.layers.set_fused_attn(True)
+    assert fused_attn.stages[2].blocks[0].token_mixer.fused_attn and not explicit.stages[2].blocks[0].token_mixer.fused_attn
+    counted = count_macs(fused_attn, (3, 224, 224))
+    assert counted == count_macs(explicit, (3, 224, 224)) == 1_759_180_800
+    # what torch's own counter misses is exactly the attention of the 14x14 and 7x7 stages: 2 N^2 C MACs per block
+    # (Q K^T and A V), from the formula
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as plain:
+        fused_attn.eval()(torch.zeros(1, 3, 224, 224))
+    attention = 6 * 2 * 196 ** 2 * 320 + 2 * 2 * 49 ** 2 * 512
+    assert counted - plain.get_total_flops() // 2 == attention

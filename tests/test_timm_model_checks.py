@@ -34,7 +34,7 @@ pytestmark = [
 SCHEMEFORMERS = [name for name in timm.list_models("schemeformer_*")]
 PATCHED = {"deit_tiny_patch16_224": 2, "swin_tiny_patch4_window7_224": (2, 1, 1, 1), "caformer_s18": 1}
 # SCHEMEformer input sizes of the checks (timm's tests use 96-128): the smallest that keep every stage at least
-# 1x1 (S36, three times deeper, at the 1x1 limit)
+# 1x1 (S24 and S36, two and three times deeper, at the 1x1 limit)
 
 
 def _patched(key: str, fused: bool) -> Callable[..., nn.Module]:
@@ -62,18 +62,18 @@ def _schemeformer(name: str, fused: bool) -> Callable[..., nn.Module]:
 # name -> (factory taking create_model kwargs, input size)
 MODELS: Dict[str, Tuple[Callable[..., nn.Module], int]] = {}
 for _name in SCHEMEFORMERS:
-    _size = 32 if "_s36_" in _name else 64
+    _size = 64 if "_s12_" in _name else 32
     MODELS[_name] = (_schemeformer(_name, False), _size)
     MODELS[f"{_name}-fused"] = (_schemeformer(_name, True), _size)
 for _key in PATCHED:
     for _fused in (False, True):
         MODELS[f"{_key}-{'fused' if _fused else 'unfused'}"] = (_patched(_key, _fused), ARCHITECTURES[_key][1])
 
-# the deep S36 variants run in the slow set (CI runs it)
-PARAMS = [pytest.param(k, marks=pytest.mark.slow) if "_s36_" in k else k for k in MODELS]
-# FX of a 36-block graph takes ~25 s: S36 is traced at g=4 only (the g2/g8 graphs differ from it by group counts,
+# the deeper S24 and S36 variants run in the slow set (CI runs it)
+PARAMS = [pytest.param(k, marks=pytest.mark.slow) if "_s24_" in k or "_s36_" in k else k for k in MODELS]
+# FX of a deep graph takes ~25 s: S24 and S36 are traced at g=4 only (their g2/g8 graphs differ by group counts,
 # which the S12 variants cover)
-FX_PARAMS = [p for p in PARAMS if not any(f"_s36_{g}_" in str(p) for g in ("g2", "g8"))]
+FX_PARAMS = [p for p in PARAMS if not any(f"_{d}_{g}_" in str(p) for d in ("s24", "s36") for g in ("g2", "g8"))]
 
 
 def inputs(size: int, batch: int = 1) -> torch.Tensor:

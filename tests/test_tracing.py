@@ -92,6 +92,14 @@ def test_jit_trace_runs_at_another_batch_size(case, grad):
     assert relative_error(traced(x), eager(model, x)) <= TOLERANCE
 
 
+def gradient_error(got, want) -> float:
+    """max |got - want| per parameter, relative to that gradient's own scale, but at least a thousandth of the
+    largest gradient: mathematically zero gradients (a norm bias before PoolFormer's x - pool(x)) hold rounding
+    noise (1e-13) in both, whose relative difference means nothing."""
+    floor = 1e-3 * max(float(w.abs().max()) for w in want)
+    return max(float((g - w).abs().max()) / max(float(w.abs().max()), floor) for g, w in zip(got, want))
+
+
 def test_jit_trace_of_a_training_model_gives_eager_gradients():
     model = build("deit_tiny_patch16_224", "train")
     traced = torch.jit.trace(model, images("deit_tiny_patch16_224", TRACE_BATCH), check_trace=False)
@@ -99,8 +107,7 @@ def test_jit_trace_of_a_training_model_gives_eager_gradients():
     params = [p for p in model.parameters()]
     want = torch.autograd.grad(model(x).square().mean(), params)
     got = torch.autograd.grad(traced(x).square().mean(), params)
-    for name, g, w in zip([n for n, _ in model.named_parameters()], got, want):
-        assert relative_error(g, w) <= 1e-4, name
+    assert gradient_error(got, want) <= 1e-4
 
 
 def test_jit_trace_is_not_specialised_to_token_tiles(monkeypatch):
@@ -125,7 +132,7 @@ def test_jit_script_matches_eager(case):
         params = list(model.parameters())
         want = torch.autograd.grad(model(x).square().mean(), params)
         got = torch.autograd.grad(scripted(x).square().mean(), params)
-        assert max(relative_error(g, w) for g, w in zip(got, want)) <= 1e-4
+        assert gradient_error(got, want) <= 1e-4
 
 
 def test_scripted_model_saves_and_loads(tmp_path):

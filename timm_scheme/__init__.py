@@ -7,18 +7,19 @@
     timm_scheme.fuse_for_inference(model)
 """
 from .config import SchemeConfig
-from .fuse import (FuseReport, cca_anneal_limit, cca_in_eval, cca_weights, fuse_for_inference, scheme_mixers,
-                   set_cca_limit)
+from .fuse import FuseReport, FuseVerificationError, fuse_for_inference
+from .mixers import cca_in_eval, cca_weights, is_fused, is_patched, scheme_mixers, set_cca_limit
+from .schedule import CcaSchedule, cca_anneal_limit
 from .layers import BlockDiagonalConv1x1, BlockDiagonalLinear, ChannelCovarianceAttention, SchemeMlp
-from .patch import find_mlps, is_patched, scheme_patch
+from .patch import find_mlps, scheme_patch
 from . import models  # registers the SCHEMEformer family in timm's model registry
-from .io import export_onnx, from_pretrained, push_to_hub, save_pretrained  # also registers timm's "scheme_patched"
+from .io import export_onnx, export_torchscript, from_pretrained, push_to_hub, save_pretrained  # also registers the checkpoint architecture
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SchemeConfig", "scheme_patch", "find_mlps", "is_patched", "fuse_for_inference", "cca_weights",
-    "set_cca_limit", "cca_anneal_limit", "cca_in_eval", "scheme_mixers", "FuseReport", "SchemeMlp", "BlockDiagonalLinear",
-    "BlockDiagonalConv1x1", "ChannelCovarianceAttention",
-    "save_pretrained", "push_to_hub", "from_pretrained", "export_onnx",
+    "SchemeConfig", "CcaSchedule", "scheme_patch", "find_mlps", "is_patched", "is_fused", "fuse_for_inference",
+    "FuseReport", "FuseVerificationError", "cca_weights", "set_cca_limit", "cca_anneal_limit", "cca_in_eval",
+    "scheme_mixers", "SchemeMlp", "BlockDiagonalLinear", "BlockDiagonalConv1x1", "ChannelCovarianceAttention",
+    "save_pretrained", "push_to_hub", "from_pretrained", "export_onnx", "export_torchscript",
 ]

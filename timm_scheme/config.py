@@ -6,8 +6,11 @@ fusing, saving and loading all read the same values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
+
+from .schedule import SCHEDULES, CcaSchedule
 
 CCA_SCALE_MODES = ("hidden", "normalized")
 INIT_MODES = ("random", "dense")
@@ -30,6 +33,14 @@ class SchemeConfig:
         alpha_init: initial weight of the BD-MLP branch; CCA starts at ``1 - alpha_init``. ``None`` picks
             0.5 for ``init="random"`` and 0.9 for ``init="dense"``, where a large CCA share disturbs the
             converted pretrained function during fine-tuning (``examples/convert_pretrained.py --alpha-init 0.5``).
+        cca_anneal: how CCA is driven out by the end of training, with no change to the training loop (see
+            ``timm_scheme.schedule``): ``"lr"`` fades it with the learning rate (full at its peak, 0 below
+            ``cca_lr_floor`` of it), ``"steps"`` by a cosine over ``cca_anneal_steps`` optimizer steps starting at
+            ``cca_anneal_start`` of them, ``"off"`` leaves the learnt weight alone (the paper). ``None`` picks
+            ``"steps"`` when ``cca_anneal_steps`` is given, else ``"lr"``.
+        cca_anneal_steps: optimizer steps of the whole training, for ``"steps"``.
+        cca_anneal_start: fraction of ``cca_anneal_steps`` after which the cosine begins.
+        cca_lr_floor: fraction of the peak learning rate at which ``"lr"`` reaches 0.
         cca_skip_threshold: in training, a layer whose CCA weight is below this skips the CCA branch.
         fuse_warn_threshold: fusing warns about layers whose CCA weight is above this.
         init: how the block-diagonal weights start: ``"random"``, or ``"dense"`` to convert the pretrained
@@ -42,20 +53,27 @@ class SchemeConfig:
     cca_scale_mode: str = "hidden"
     cca_temperature: float = 0.1
     alpha_init: Optional[float] = None
+    cca_anneal: Optional[str] = None
+    cca_anneal_steps: Optional[int] = None
+    cca_anneal_start: float = 0.5
+    cca_lr_floor: float = 0.1
     cca_skip_threshold: float = 0.0
     fuse_warn_threshold: float = 0.01
     init: str = "random"
 
     def __post_init__(self):
-        if self.alpha_init is None:  # resolved here, so config.json records the value in effect
+        # resolved here, so config.json records the values in effect
+        if self.alpha_init is None:
             object.__setattr__(self, "alpha_init", DEFAULT_ALPHA_INIT.get(self.init, 0.5))
+        if self.cca_anneal is None:
+            object.__setattr__(self, "cca_anneal", "steps" if self.cca_anneal_steps is not None else "lr")
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
             raise ValueError(f"groups={self.groups!r}: expected a whole number >= 1 (e.g. 2, 4, 8)")
         if self.expansion is not None:
             if isinstance(self.expansion, bool) or not isinstance(self.expansion, (int, float)) \
-                    or not self.expansion > 0:
+                    or not (self.expansion > 0 and math.isfinite(self.expansion)):
                 raise ValueError(
-                    f"expansion={self.expansion!r}: expected a number > 0 (e.g. 4 or 8), "
+                    f"expansion={self.expansion!r}: expected a finite number > 0 (e.g. 4 or 8), "
                     "or None to keep each layer's hidden width")
         if self.cca_scale_mode not in CCA_SCALE_MODES:
             raise ValueError(f"cca_scale_mode={self.cca_scale_mode!r}: expected one of {CCA_SCALE_MODES}")
@@ -69,12 +87,33 @@ class SchemeConfig:
             raise ValueError(f"fuse_warn_threshold={self.fuse_warn_threshold!r}: expected 0 <= value <= 1")
         if self.init not in INIT_MODES:
             raise ValueError(f"init={self.init!r}: expected one of {INIT_MODES}")
+        if self.cca_anneal_steps is not None and (isinstance(self.cca_anneal_steps, bool)
+                                                  or not isinstance(self.cca_anneal_steps, int)):
+            raise ValueError(f"cca_anneal_steps={self.cca_anneal_steps!r}: expected a whole number of optimizer "
+                             "steps (e.g. epochs * updates per epoch)")
+        if self.cca_anneal_steps is not None and self.cca_anneal != "steps":
+            raise ValueError(f"cca_anneal_steps={self.cca_anneal_steps} is used by cca_anneal='steps' only (got "
+                             f"cca_anneal={self.cca_anneal!r}); drop one of them")
+        self.schedule()  # validates the schedule options
+
+    def schedule(self) -> CcaSchedule:
+        """The CCA annealing schedule every mixer follows."""
+        if self.cca_anneal not in SCHEDULES:
+            raise ValueError(f"cca_anneal={self.cca_anneal!r}: expected one of {SCHEDULES}")
+        return CcaSchedule(mode=self.cca_anneal, steps=self.cca_anneal_steps or 0, start=self.cca_anneal_start,
+                           lr_floor=self.cca_lr_floor)
 
     def cca_scale(self, hidden_features: int) -> float:
         """The logit scale of one layer's channel covariance."""
         if self.cca_scale_mode == "hidden":
             return float(hidden_features) ** -0.5
         return 1.0 / self.cca_temperature
+
+    def describe(self) -> str:
+        """groups, expansion and every option that differs from the defaults, as ``k=v, ...``."""
+        defaults = SchemeConfig()
+        return ", ".join(f"{k}={v}" for k, v in self.to_dict().items()
+                         if k in ("groups", "expansion") or v != getattr(defaults, k))
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

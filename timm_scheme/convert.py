@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from timm.layers.mlp import ConvMlp, GluMlp, SwiGLU
 
 from .layers import SchemeMlp
+from .mixers import scheme_mixers
+from .modes import eval_mode
+from .timm_mlps import read_mlp
 
 _logger = logging.getLogger(__name__)
 CalibrationData = Union[torch.Tensor, Iterable]
@@ -76,12 +78,9 @@ class InitReport:
 
 
 def dense_weights(module: nn.Module, name: str = "") -> DenseMlpWeights:
-    """The weights of a timm Mlp / GluMlp / SwiGLU / ConvMlp as (out, in) matrices."""
-    if isinstance(module, SwiGLU):
-        # SwiGLU computes act(fc1_g(x)) * fc1_x(x): the gate comes first, as SchemeMlp(gate_last=False) packs it
-        first, second = module.fc1_g, module.fc1_x
-    else:
-        first, second = module.fc1, None
+    """The weights of a timm MLP (``timm_mlps.read_mlp``) as (out, in) matrices."""
+    layout = read_mlp(name, module)
+    first, second = layout.fc1[0], (layout.fc1[1] if len(layout.fc1) > 1 else None)
     tensors = [first.weight, module.fc2.weight] + ([second.weight] if second is not None else [])
     for t in tensors:
         if t.is_meta or not torch.isfinite(t).all():
@@ -93,7 +92,7 @@ def dense_weights(module: nn.Module, name: str = "") -> DenseMlpWeights:
     w2, b2 = _matrix(module.fc2.weight), module.fc2.bias
     if second is not None:
         return DenseMlpWeights(w1, _matrix(second.weight), b1, second.bias, w2, b2)
-    if isinstance(module, GluMlp):
+    if layout.gated:  # one fc1 holding both halves of every unit (GluMlp)
         hidden = w1.shape[0] // 2
         halves_b = (None, None) if b1 is None else (b1[:hidden], b1[hidden:])
         return DenseMlpWeights(w1[:hidden], w1[hidden:], halves_b[0], halves_b[1], w2, b2)
@@ -163,7 +162,7 @@ class OutputErrorStats:
     ``scores()`` gives minus the error each unit adds to the layer output when cut to one group's block."""
 
     def __init__(self, mlp: nn.Module, weights: DenseMlpWeights, groups: int):
-        self.mlp, self.weights, self.groups = mlp, weights, groups
+        self.layout, self.weights, self.groups = read_mlp("", mlp), weights, groups
         hidden = weights.hidden_features
         self.full_sq = torch.zeros(hidden, dtype=torch.float64)
         self.cross = torch.zeros(hidden, groups, dtype=torch.float64)
@@ -191,13 +190,14 @@ class OutputErrorStats:
         """Hidden activations using only input channels ``cols`` (all of fc1's biases)."""
         w = self.weights
         first = F.linear(x[:, cols], w.fc1_first[:, cols].float(), _float(w.bias1_first))
+        layout = self.layout
         if w.fc1_second is None:
-            if isinstance(self.mlp, ConvMlp):  # norm (BatchNorm, per unit) before the activation
-                first = self.mlp.norm(first[:, :, None, None].to(w.fc1_first.dtype)).float().flatten(1)
-            return self.mlp.act(first.to(w.fc1_first.dtype)).float()
+            if layout.norm_first:  # a per-unit norm (ConvMlp's BatchNorm) before the activation
+                first = layout.norm(first[:, :, None, None].to(w.fc1_first.dtype)).float().flatten(1)
+            return layout.act(first.to(w.fc1_first.dtype)).float()
         second = F.linear(x[:, cols], w.fc1_second[:, cols].float(), _float(w.bias1_second))
-        act = self.mlp.act
-        if isinstance(self.mlp, GluMlp) and self.mlp.gate_last:
+        act = layout.act
+        if layout.gate_last:
             return first * act(second.to(w.fc1_first.dtype)).float()
         return act(first.to(w.fc1_first.dtype)).float() * second
 
@@ -250,28 +250,52 @@ def run_dense_layers(model: nn.Module, layers: Dict[str, nn.Module], batches: Li
     hooks = [m.register_forward_hook(functools.partial(hook, name=name)) for name, m in layers.items()]
     seen = set()
     counter = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.add(name)) for name, m in layers.items()]
-    was_training = model.training
     device = next(model.parameters()).device
-    model.eval()
     try:
-        for i, batch in enumerate(batches):
-            try:
-                model(batch.to(device))
-            except Exception as error:  # noqa: BLE001 - re-raised with what the user passed
-                raise ValueError(
-                    f"scheme_patch(init='dense'): calibration batch {i} of shape {tuple(batch.shape)} does not "
-                    f"run through {type(model).__name__}: {error}") from error
+        with eval_mode(model):
+            for i, batch in enumerate(batches):
+                try:
+                    model(batch.to(device))
+                except Exception as error:  # noqa: BLE001 - re-raised with what the user passed
+                    raise ValueError(
+                        f"scheme_patch(init='dense'): calibration batch {i} of shape {tuple(batch.shape)} does not "
+                        f"run through {type(model).__name__}: {error}") from error
     finally:
         for h in hooks + counter:
             h.remove()
-        model.train(was_training)
     missing = sorted(set(layers) - seen)
     if missing:
         raise ValueError(f"scheme_patch(init='dense'): calibration_data never reached layer(s) {missing[:3]}")
 
 
+class _Reached(Exception):
+    """Stops a forward pass once the layer of interest has run."""
+
+
+def layer_io_tokens(model: nn.Module, name: str, batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``name``'s input and output on ``batch`` as (tokens, channels), the model run only that far."""
+    module = model.get_submodule(name)
+    captured = []
+
+    def hook(mod, args, output):
+        channel_dim = 1 if _is_conv(mod) else args[0].dim() - 1
+        captured.append((_tokens(args[0], channel_dim), _tokens(output, channel_dim)))
+        raise _Reached
+
+    handle = module.register_forward_hook(hook)
+    try:
+        model(batch.to(next(model.parameters()).device))
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"calibration: a batch of shape {tuple(batch.shape)} never reached layer {name}")
+    return captured[0]
+
+
 def _is_conv(mlp: nn.Module) -> bool:
-    return isinstance(mlp.fc1_g if isinstance(mlp, SwiGLU) else mlp.fc1, nn.Conv2d)
+    return mlp.use_conv if isinstance(mlp, SchemeMlp) else read_mlp("", mlp).use_conv
 
 
 def _tokens(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -445,15 +469,9 @@ def init_from_dense(model: nn.Module, layers: List[Tuple[str, nn.Module, SchemeM
 def _refit_fc2(model: nn.Module, layers: List[Tuple[str, nn.Module, SchemeMlp]], report: InitReport,
                batches: List[torch.Tensor]) -> None:
     refits = {name: Fc2Refit(new, report.layers[name].units) for name, _, new in layers if Fc2Refit.supports(new)}
-    modes = {name: new.training for name, _, new in layers}
-    for name, _, new in layers:
-        new.eval()  # hidden norms use their running statistics, as the dense layer did
     originals = {name: old for name, old, _ in layers if name in refits}
-    try:
+    with eval_mode(*(new for _, _, new in layers)):  # hidden norms use their running statistics, as the dense layer did
         run_dense_layers(model, originals, batches, lambda name, x, y: refits[name].add(x, y))
-    finally:
-        for name, _, new in layers:
-            new.train(modes[name])
     for name, refit in refits.items():
         refit.solve()
         report.layers[name].refit = True
@@ -466,23 +484,19 @@ def _refit_fc2(model: nn.Module, layers: List[Tuple[str, nn.Module, SchemeMlp]],
 def layer_output_errors(dense: nn.Module, patched: nn.Module, images: torch.Tensor) -> Dict[str, float]:
     """Per layer, ||dense MLP(x) - SCHEME mixer(x)|| / ||dense MLP(x)|| in eval mode, with x the inputs the
     dense model feeds that layer: what each conversion loses, layer by layer, before any training."""
-    mixers = {name: m for name, m in patched.named_modules() if isinstance(m, SchemeMlp)}
+    mixers = scheme_mixers(patched)
     captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
     modules = dict(dense.named_modules())
     hooks = [modules[name].register_forward_hook(
         lambda mod, args, out, name=name: captured.__setitem__(name, (args[0], out))) for name in mixers]
-    was_training = (dense.training, patched.training)
-    dense.eval()
-    patched.eval()
     try:
-        dense(images)
-        return {name: relative_output_error(captured[name][1], mixer(captured[name][0]))
-                for name, mixer in mixers.items()}
+        with eval_mode(dense, patched):
+            dense(images)
+            return {name: relative_output_error(captured[name][1], mixer(captured[name][0]))
+                    for name, mixer in mixers.items()}
     finally:
         for h in hooks:
             h.remove()
-        dense.train(was_training[0])
-        patched.train(was_training[1])
 
 
 __all__ = [

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import SchemeMlp
+from .mixers import scheme_mixers
 
 
 class Distiller(nn.Module):
@@ -34,7 +34,7 @@ class Distiller(nn.Module):
         self.teacher = [teacher]  # a list keeps the teacher out of this module's parameters and state_dict
         teacher.requires_grad_(False)
         self.temperature, self.logit_weight, self.block_weight = temperature, logit_weight, block_weight
-        self.layers = [name for name, m in student.named_modules() if isinstance(m, SchemeMlp)]
+        self.layers = list(scheme_mixers(student))
         self._outputs: Dict[str, Dict[str, torch.Tensor]] = {"teacher": {}, "student": {}}
         self._hooks: List[torch.utils.hooks.RemovableHandle] = []
         if block_weight > 0:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .fuse import scheme_mixers
+from .mixers import scheme_mixers
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ def check_ranks_agree(model: nn.Module, processes: Processes) -> None:
         return
     state = torch.stack([
         torch.cat([m.mix_logits.detach().double(), m.cca_limit.detach().double().reshape(1),
+                   m.cca_fade.detach().double().reshape(1),
                    torch.tensor([float(m.update_cca_skip())], dtype=torch.float64, device=m.cca_limit.device)])
         for m in mixers.values()])
     low, high = state.clone(), state.clone()
@@ -93,6 +94,6 @@ def check_ranks_agree(model: nn.Module, processes: Processes) -> None:
     differing = [name for name, lo, hi in zip(mixers, low, high) if not torch.equal(lo, hi)]
     if differing:
         raise RuntimeError(
-            f"ranks disagree on the mixing logits, CCA limit or CCA skip decision of {len(differing)} SCHEME "
+            f"ranks disagree on the mixing logits, CCA limit or schedule, or CCA skip decision of {len(differing)} SCHEME "
             f"layer(s): {', '.join(differing[:4])}. DDP keeps them equal when every rank runs the same code, "
             "torch build and arguments; check the launch (torchrun ... timm-scheme train with identical options).")

@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
-from timm.layers.mlp import ConvMlp, GluMlp, Mlp, SwiGLU
 
 from .config import SchemeConfig
 from .convert import CalibrationData, init_from_dense
 from .layers import SchemeMlp
+from .mixers import is_patched
+from .timm_mlps import SUPPORTED_MLP_TYPES, MlpLayout, is_timm_mlp, read_mlp
 
 _logger = logging.getLogger(__name__)
 
 FilterFn = Callable[[nn.Module, str], bool]
-# patched only when their forward is timm's own: a subclass that changes it is left alone
-SUPPORTED_MLP_TYPES = (Mlp, GluMlp, SwiGLU, ConvMlp)
 # timm modules that are MLPs over tokens, not channels (MLP-Mixer's token-mixing MLP)
 TOKEN_MIXER_NAMES = ("mlp_tokens",)
 # an MLP inside one of these is part of an attention or position-bias computation (e.g. Swin-V2-CR's
@@ -29,27 +29,34 @@ TOKEN_MIXER_NAMES = ("mlp_tokens",)
 NON_MIXER_PARENTS = ("Attention", "Attn", "PosMlp", "PosBias")
 
 
-@dataclass
-class _MlpSpec:
-    """What a replacement must keep from the original MLP."""
-    name: str
-    in_features: int
-    hidden_features: int
-    out_features: int
-    use_conv: bool
-    gated: bool
-    gate_last: bool
-    norm_first: bool
-    bias: Tuple[bool, bool]
-    drop: Tuple[float, float]
-    act: nn.Module
-    norm: nn.Module
-    device: torch.device
-    dtype: torch.dtype
+@dataclass(frozen=True)
+class _Draw:
+    """How a replaced projection's weights are distributed: a new block-diagonal one is drawn alike."""
+    weight_mean: float
+    weight_std: float
+    bias_mean: float = 0.0
+    bias_std: float = 0.0  # 0 with bias_mean 0: zero biases (timm's own init), kept exactly zero
 
+    @classmethod
+    def of(cls, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]]) -> Optional["_Draw"]:
+        if any(w.is_meta for w in weights):
+            return None  # nothing to read: the layer keeps its own default draw
+        w = torch.cat([t.detach().float().reshape(-1) for t in weights])
+        b = [t.detach().float().reshape(-1) for t in biases if t is not None]
+        b = torch.cat(b) if b else torch.zeros(1)
+        stats = (float(w.mean()), float(w.std()), float(b.mean()), float(b.std()) if b.numel() > 1 else 0.0)
+        if not all(math.isfinite(v) for v in stats):
+            return None  # non-finite weights have no spread to follow (init="dense" refuses them by name)
+        return cls(*stats)
 
-def is_patched(model: nn.Module) -> bool:
-    return hasattr(model, "scheme_config") or any(isinstance(m, SchemeMlp) for m in model.modules())
+    @torch.no_grad()
+    def apply(self, layer: nn.Module) -> None:
+        layer.weight.normal_(self.weight_mean, self.weight_std)
+        if layer.bias is not None:
+            if self.bias_std == 0.0:
+                layer.bias.fill_(self.bias_mean)
+            else:
+                layer.bias.normal_(self.bias_mean, self.bias_std)
 
 
 def scheme_patch(
@@ -89,7 +96,7 @@ def scheme_patch(
             f"{[t.__name__ for t in SUPPORTED_MLP_TYPES]} from timm.layers (classifier heads and MLPs "
             "rejected by filter_fn are skipped)")
     # validate everything before changing anything, so a bad option leaves the model as it was
-    specs = [_describe(name, module) for name, module in targets]
+    specs = [read_mlp(name, module) for name, module in targets]
     plans = [(spec, _hidden_width(spec, config)) for spec in specs]
     for spec, hidden in plans:
         _check_widths(spec, hidden, config.groups)
@@ -128,7 +135,7 @@ def find_mlps(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> List[Tu
     excluded_prefixes = [n for n, m in model.named_modules() if n and _is_non_mixer_parent(type(m).__name__)]
     found = []
     for name, module in model.named_modules():
-        if not _is_supported(module) or name.rpartition(".")[2] in TOKEN_MIXER_NAMES:
+        if not is_timm_mlp(module) or name.rpartition(".")[2] in TOKEN_MIXER_NAMES:
             continue
         if any(name.startswith(p + ".") for p in excluded_prefixes):
             continue
@@ -148,10 +155,6 @@ def _is_non_mixer_parent(class_name: str) -> bool:
     return class_name.endswith(NON_MIXER_PARENTS) and "Block" not in class_name
 
 
-def _is_supported(module: nn.Module) -> bool:
-    return any(isinstance(module, t) and type(module).forward is t.forward for t in SUPPORTED_MLP_TYPES)
-
-
 def _classifier_prefixes(model: nn.Module) -> List[str]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     classifier = cfg.get("classifier") if isinstance(cfg, dict) else None
@@ -160,43 +163,13 @@ def _classifier_prefixes(model: nn.Module) -> List[str]:
     return sorted({n.split(".")[0] for n in names} | {"head"})
 
 
-def _describe(name: str, m: nn.Module) -> _MlpSpec:
-    if isinstance(m, SwiGLU):
-        fc1, fc2 = m.fc1_x, m.fc2
-        gated, gate_last, norm_first = True, False, False
-        drop = (m.drop1.p, m.drop2.p)
-    elif isinstance(m, GluMlp):
-        fc1, fc2 = m.fc1, m.fc2
-        gated, gate_last, norm_first = True, m.gate_last, False
-        drop = (m.drop1.p, m.drop2.p)
-    elif isinstance(m, ConvMlp):
-        fc1, fc2 = m.fc1, m.fc2
-        gated, gate_last, norm_first = False, True, True
-        drop = (m.drop.p, 0.0)
-    else:
-        fc1, fc2 = m.fc1, m.fc2
-        gated, gate_last, norm_first = False, True, False
-        drop = (m.drop1.p, m.drop2.p)
-    bias = (fc1.bias is not None, fc2.bias is not None)
-    use_conv = isinstance(fc1, nn.Conv2d)
-    if use_conv and (fc1.kernel_size != (1, 1) or fc1.groups != 1 or fc2.groups != 1):
-        raise ValueError(f"scheme_patch: layer '{name}' uses a non 1x1 or grouped conv; cannot patch it")
-    in_features = fc1.in_channels if use_conv else fc1.in_features
-    hidden = fc2.in_channels if use_conv else fc2.in_features
-    out_features = fc2.out_channels if use_conv else fc2.out_features
-    return _MlpSpec(
-        name=name, in_features=in_features, hidden_features=hidden, out_features=out_features,
-        use_conv=use_conv, gated=gated, gate_last=gate_last, norm_first=norm_first, bias=bias, drop=drop,
-        act=m.act, norm=m.norm, device=fc1.weight.device, dtype=fc1.weight.dtype)
-
-
-def _hidden_width(spec: _MlpSpec, config: SchemeConfig) -> int:
+def _hidden_width(spec: MlpLayout, config: SchemeConfig) -> int:
     if config.expansion is None:
         return spec.hidden_features
     return int(round(config.expansion * spec.in_features))
 
 
-def _check_widths(spec: _MlpSpec, hidden: int, groups: int) -> None:
+def _check_widths(spec: MlpLayout, hidden: int, groups: int) -> None:
     where = f"layer '{spec.name}' (in_features={spec.in_features}, out_features={spec.out_features})"
     bad = [(n, w) for n, w in (("in_features", spec.in_features), ("out_features", spec.out_features)) if w % groups]
     if bad:
@@ -204,11 +177,11 @@ def _check_widths(spec: _MlpSpec, hidden: int, groups: int) -> None:
         raise ValueError(
             f"scheme_patch: groups={groups} does not divide {bad[0][0]}={bad[0][1]} of {where}; "
             f"groups that divide this layer's widths: {fitting}")
-    if hidden % groups:
+    if hidden < groups or hidden % groups:
         ok = [e for e in (2, 3, 4, 6, 8, 12, 16) if int(round(e * spec.in_features)) % groups == 0]
         raise ValueError(
-            f"scheme_patch: the hidden width {hidden} of {where} (from its expansion) is not divisible by "
-            f"groups={groups}; choose an expansion giving a multiple of {groups} hidden units "
+            f"scheme_patch: the hidden width {hidden} of {where} (from its expansion) is not a positive multiple "
+            f"of groups={groups}; choose an expansion giving a multiple of {groups} hidden units "
             f"(e.g. {ok[:4]}) or expansion=None to keep {spec.hidden_features}")
 
 
@@ -216,7 +189,7 @@ def _divisors_of_all(*widths: int) -> List[int]:
     return [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)][:8]
 
 
-def _build(spec: _MlpSpec, hidden: int, config: SchemeConfig) -> SchemeMlp:
+def _build(spec: MlpLayout, hidden: int, config: SchemeConfig) -> SchemeMlp:
     use_cca = config.cca and spec.in_features == spec.out_features
     new = SchemeMlp(
         spec.in_features, hidden, spec.out_features,
@@ -232,9 +205,17 @@ def _build(spec: _MlpSpec, hidden: int, config: SchemeConfig) -> SchemeMlp:
         cca_scale=config.cca_scale(hidden),
         cca_normalize=config.cca_scale_mode == "normalized",
         alpha_init=config.alpha_init,
+        cca_schedule=config.schedule(),
         device=spec.device,
         dtype=spec.dtype,
     )
+    # a drop-in replacement starts like the layer it replaces: each projection drawn with the replaced one's
+    # mean and spread (timm's ViTs, Swin and MetaFormers: trunc-normal std 0.02, zero biases), not nn.Linear's
+    # default, whose bound 1/sqrt(fan_in) of one group is several times larger
+    for layer, originals in ((new.fc1, spec.fc1), (new.fc2, [spec.fc2])):
+        draw = _Draw.of([o.weight for o in originals], [o.bias for o in originals])
+        if draw is not None:
+            draw.apply(layer)
     new.act = copy.deepcopy(spec.act)  # keeps learnable activations (e.g. StarReLU's scale and bias)
     new.norm = _resized_norm(spec, hidden)
     new.cca_skip_threshold = config.cca_skip_threshold
@@ -242,7 +223,7 @@ def _build(spec: _MlpSpec, hidden: int, config: SchemeConfig) -> SchemeMlp:
     return new
 
 
-def _resized_norm(spec: _MlpSpec, hidden: int) -> nn.Module:
+def _resized_norm(spec: MlpLayout, hidden: int) -> nn.Module:
     norm = spec.norm
     if isinstance(norm, nn.Identity) or hidden == spec.hidden_features:
         return copy.deepcopy(norm)

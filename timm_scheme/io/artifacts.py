@@ -13,7 +13,8 @@ from timm.models._input import get_model_input_config
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from ..fuse import max_relative_difference, scheme_mixers
+from ..fuse import max_relative_difference
+from ..mixers import scheme_mixers
 from .save import _fsync
 
 

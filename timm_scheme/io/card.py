@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 from huggingface_hub import ModelCardData
 from torch import nn
 
-from ..fuse import cca_weights, scheme_mixers
+from ..mixers import cca_weights, scheme_mixers
 from ..stats import count_macs, count_params
 from .format import CONFIG_NAME, ENTRYPOINT, FORMAT_VERSION, WEIGHTS_NAME, CheckpointSpec
 
@@ -31,8 +31,12 @@ def model_card(
                          license=license, base_model=base_model)
     macs = _macs(model, input_size)
     size = " x ".join(str(s) for s in input_size)
-    form = ("fused for inference: CCA removed, alpha folded into fc2" if spec.fused else
-            "unfused training form: CCA branches and mixing logits kept; fine-tune it, or fuse it before deployment")
+    if not spec.config.cca:
+        form = "block-diagonal MLP without CCA (cca=False): training and inference form are the same, nothing to fuse"
+    elif spec.fused:
+        form = "fused for inference: CCA removed, alpha folded into fc2"
+    else:
+        form = "unfused training form: CCA branches and mixing logits kept; fine-tune it, or fuse it before deployment"
     lines = [
         "---", data.to_yaml(), "---",
         f"# Model card for {name}",

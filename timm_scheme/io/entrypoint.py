@@ -19,16 +19,30 @@ from timm.models._features_fx import FeatureGraphNet
 from timm.models._hub import hf_split
 from torch import nn
 
-from ..fuse import scheme_mixers
-from ..patch import is_patched, patch_structure
-from .format import ENTRYPOINT, WEIGHTS_NAME, CheckpointFormatError, CheckpointSpec
+from ..mixers import is_patched, scheme_mixers
+from ..patch import patch_structure
+from .format import CONFIG_NAME, ENTRYPOINT, WEIGHTS_NAME, CheckpointFormatError, CheckpointSpec
 from .weights import DIGEST_KEY, check_digest, check_state_dict, safetensors_metadata
 
 _FEATURE_ARGS = ("out_indices", "feature_cls")
 
 
 @register_model
-def scheme_patched(
+def scheme_patched__import_timm_scheme_first(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ A timm model with SCHEME mixers, rebuilt from a checkpoint's ``model_args['scheme']``.
+    Reached through ``timm.create_model('hf-hub:...' | 'local-dir:...')`` once ``timm_scheme`` is imported.
+    """
+    return _rebuild(ENTRYPOINT, pretrained, **kwargs)
+
+
+@register_model
+def scheme_patched(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ The same, under the architecture name of format-1 checkpoints."""
+    return _rebuild("scheme_patched", pretrained, **kwargs)
+
+
+def _rebuild(
+        entrypoint: str,
         pretrained: bool = False,
         scheme: Optional[Dict[str, Any]] = None,
         pretrained_cfg: Optional[Any] = None,
@@ -36,9 +50,6 @@ def scheme_patched(
         cache_dir: Optional[str] = None,
         **kwargs,
 ) -> nn.Module:
-    """ A timm model with SCHEME mixers, rebuilt from a checkpoint's ``model_args['scheme']``.
-    Reached through ``timm.create_model('hf-hub:...' | 'local-dir:...')`` once ``timm_scheme`` is imported.
-    """
     source = _source_name(pretrained_cfg)
     if scheme is None:
         raise TypeError(
@@ -51,16 +62,16 @@ def scheme_patched(
     elif isinstance(pretrained_cfg, str):
         raise ValueError(f"{ENTRYPOINT} has no pretrained tags (got {pretrained_cfg!r}); load a checkpoint folder "
                          "or Hub repository instead")
-    cfg = resolve_pretrained_cfg(ENTRYPOINT, pretrained_cfg, pretrained_cfg_overlay).to_dict()
+    cfg = resolve_pretrained_cfg(entrypoint, pretrained_cfg, pretrained_cfg_overlay).to_dict()
 
     features_only = kwargs.pop("features_only", False)
     feature_args = {k: kwargs.pop(k) for k in _FEATURE_ARGS if k in kwargs}
     build_cfg, filter_fn = cfg, None
     if pretrained:
         build_cfg, filter_fn = _pin_weights(cfg, spec, cache_dir)
-    builder = _Builder(spec)
+    builder = _Builder(spec, source)
     model = build_model_with_cfg(
-        builder, ENTRYPOINT, pretrained,
+        builder, entrypoint, pretrained,
         pretrained_cfg=build_cfg,
         pretrained_filter_fn=filter_fn,
         cache_dir=cache_dir,
@@ -75,18 +86,19 @@ def scheme_patched(
 class _Builder:
     """The model class handed to ``build_model_with_cfg``: base model -> patch -> fuse, with the kwargs it got."""
 
-    def __init__(self, spec: CheckpointSpec):
-        self.spec = spec
+    def __init__(self, spec: CheckpointSpec, source: str):
+        self.spec, self.source = spec, source
         self.kwargs: Dict[str, Any] = {}
 
     def __call__(self, **kwargs) -> nn.Module:
         self.kwargs = dict(kwargs)
         model = timm.create_model(self.spec.base_architecture, pretrained=False, **kwargs)
-        _patch_like(model, self.spec)
+        _patch_like(model, self.spec, source=self.source)
         return model
 
 
-def _patch_like(model: nn.Module, spec: CheckpointSpec, filter_fn: Optional[Callable] = None) -> None:
+def _patch_like(model: nn.Module, spec: CheckpointSpec, filter_fn: Optional[Callable] = None,
+                source: str = CONFIG_NAME) -> None:
     if is_patched(model):  # an architecture registered with SCHEME mixers built in
         if getattr(model, "scheme_config", None) != spec.config:
             raise CheckpointFormatError(
@@ -95,7 +107,13 @@ def _patch_like(model: nn.Module, spec: CheckpointSpec, filter_fn: Optional[Call
     else:
         if filter_fn is None and spec.modules is not None:
             filter_fn = lambda module, name: name in spec.modules  # noqa: E731
-        patch_structure(model, spec.config, filter_fn)
+        try:
+            patch_structure(model, spec.config, filter_fn)
+        except ValueError as error:
+            raise CheckpointFormatError(
+                f"{source}: its {CONFIG_NAME} records SCHEME options ({spec.config.describe()}) that do not fit "
+                f"{spec.base_architecture} as its model_args build it: {error}. The file was edited or written "
+                "for another model; save the checkpoint again with timm_scheme.save_pretrained") from error
     if spec.fused:
         for mixer in scheme_mixers(model).values():
             mixer.fuse()

@@ -15,12 +15,15 @@ from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookN
 from torch import nn
 
 from ..config import SchemeConfig
-from ..fuse import scheme_mixers
+from ..mixers import scheme_mixers
 from ..patch import find_mlps
 
 # Bump when a reader of the previous version would misread a new checkpoint.
 FORMAT_VERSION = 2  # 2: unfused mixers carry their annealing clock (cca_step); the CCA schedule options
-ENTRYPOINT = "scheme_patched"  # the timm registry name written as config.json's "architecture"
+# the timm registry name written as config.json's "architecture". timm, asked for a checkpoint whose architecture
+# is not registered, says only "Unknown model (<architecture>)": the name itself tells what to do
+ENTRYPOINT = "scheme_patched__import_timm_scheme_first"
+ENTRYPOINTS = (ENTRYPOINT, "scheme_patched")  # and the name checkpoints of format 1 were written with
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
@@ -139,13 +142,13 @@ def _cca_possible(mixer: nn.Module) -> bool:
 def _recorded_base(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     arch = cfg.get("architecture")
-    if arch == ENTRYPOINT:
+    if arch in ENTRYPOINTS:
         # loaded from a SCHEME checkpoint: the factory kept the spec it was rebuilt from
         for args in (getattr(model, "_model_args", None), getattr(model, "pretrained_model_args", None)):
             scheme = (args or {}).get("scheme")
             if isinstance(scheme, Mapping) and isinstance(scheme.get("base_architecture"), str):
                 return scheme["base_architecture"]
-    if isinstance(arch, str) and arch and arch != ENTRYPOINT:
+    if isinstance(arch, str) and arch and arch not in ENTRYPOINTS:
         return arch
     raise ValueError(
         f"cannot tell which timm architecture this {type(model).__name__} was built from (its pretrained_cfg has "

@@ -21,7 +21,7 @@ from huggingface_hub.errors import (
 from timm.models._hub import hf_split
 from torch import nn
 
-from .format import CARD_NAME, CONFIG_NAME, ENTRYPOINT, WEIGHTS_NAME, CheckpointFormatError
+from .format import CARD_NAME, CONFIG_NAME, ENTRYPOINT, ENTRYPOINTS, WEIGHTS_NAME, CheckpointFormatError
 from .save import save_pretrained
 
 _logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def _check_config(path: Path, model_name: str) -> None:
     except (OSError, ValueError) as e:
         raise CheckpointFormatError(f"{model_name}: {CONFIG_NAME} is not readable JSON ({e})") from e
     architecture = config.get("architecture") if isinstance(config, dict) else None
-    if architecture != ENTRYPOINT:
+    if architecture not in ENTRYPOINTS:
         raise CheckpointFormatError(
             f"{model_name} holds a {'timm model ' + repr(architecture) if architecture else 'config'} that is not a "
             f"SCHEME checkpoint (architecture {ENTRYPOINT!r}); load a plain timm model with "

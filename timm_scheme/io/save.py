@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import json
 import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import uuid
@@ -22,6 +26,7 @@ from .format import CARD_NAME, CONFIG_NAME, ENTRYPOINT, FORMAT_VERSION, WEIGHTS_
 from .weights import safetensors_metadata, write_safetensors
 
 _logger = logging.getLogger(__name__)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
 
 # pretrained_cfg entries describing the base architecture's published weights, not these
 _BASE_PROVENANCE = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes")
@@ -113,7 +118,9 @@ def _atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a folder; remove it or choose another folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    _remove_stale(target)
+    # the owner's pid in the name: a later save removes what a killed one left, never a running one's folder
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
     try:
         mask = os.umask(0)
         os.umask(mask)
@@ -128,11 +135,59 @@ def _atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+def _remove_stale(target: Path) -> None:
+    """Folders of earlier saves to ``target`` whose process died mid-write (SIGKILL, power loss)."""
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        parts = path.name[len(target.name) + 2:].split(".")
+        if len(parts) != 3 or parts[2] not in ("partial", "old") or not parts[0].isdigit():
+            continue
+        if not _alive(int(parts[0])):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            _logger.info("removed %s, left by an interrupted save (process %s)", path, parts[0])
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    platform, libc or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
 def _swap_in(staging: Path, target: Path) -> None:
+    """Put ``staging`` at ``target``: one atomic exchange where Linux allows it (``target`` is never missing),
+    else two renames with Ctrl-C held back between them."""
     old = None
+    if target.is_dir() and not target.is_symlink() and _rename_exchange(staging, target):
+        _fsync(target.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # it now holds the replaced checkpoint
+        return
     with _interrupts_deferred():
         if target.exists() or target.is_symlink():
-            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+            old = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old")
             os.replace(target, old)
         try:
             os.replace(staging, target)

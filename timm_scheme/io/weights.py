@@ -18,10 +18,11 @@ from timm.models import clean_state_dict
 from torch import nn
 
 from ..layers import SchemeMlp
+from ..mixers import scheme_mixers
 from .format import FORMAT_VERSION, CheckpointFormatError, CheckpointSpec
 
 DIGEST_KEY = "weights_sha256"
-_CCA_TENSORS = ("mix_logits", "cca_limit", "cca_step")
+_CCA_TENSORS = SchemeMlp.TRAINING_STATE
 
 
 def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -105,9 +106,7 @@ def check_state_dict(
     """
     expected = model.state_dict()
     skip, skip_shape = set(skip), set(skip_shape) | set(skip)
-    # the annealing clock of an unfused mixer is absent from format-1 checkpoints; loading starts it at 0
-    missing = [k for k in expected if k not in state_dict and k not in skip
-               and not (k.endswith(".cca_step") and k[:-len("cca_step")] + "mix_logits" in state_dict)]
+    missing = [k for k in expected if k not in state_dict and k not in skip and not _schedule_state_of_format_1(k, state_dict)]
     unexpected = [k for k in state_dict if k not in expected and k not in skip]
     mismatched = [
         (k, tuple(state_dict[k].shape), tuple(expected[k].shape)) for k in state_dict
@@ -124,13 +123,19 @@ def check_state_dict(
         more = f"; and {len(mismatched) - 4} more" if len(mismatched) > 4 else ""
         lines.append(f"  shape mismatch ({len(mismatched)}): {shown}{more}")
     lines.extend(f"  hint: {h}" for h in _hints(missing, unexpected, mismatched, spec))
-    mixers = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, SchemeMlp))
+    mixers = tuple(f"{name}." for name in scheme_mixers(model))
     outside = [k for k in missing + unexpected + [k for k, _, _ in mismatched] if not k.startswith(mixers)]
     if outside:
         lines.append(f"  hint: tensors outside the SCHEME mixers differ too ({outside[0]}, ...): the base model was "
                      "built with other constructor arguments than the weights were trained with (img_size, "
                      f"patch_size, depth, num_classes, ...); check {arguments_hint}")
     raise CheckpointFormatError("\n".join(lines))
+
+
+def _schedule_state_of_format_1(key: str, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """The annealing state of an unfused mixer, absent from format-1 checkpoints: loading starts it afresh."""
+    prefix, _, name = key.rpartition(".")
+    return name in ("cca_step", "cca_fade", "cca_lr_peak") and f"{prefix}.mix_logits" in state_dict
 
 
 def _describe(spec: CheckpointSpec) -> str:

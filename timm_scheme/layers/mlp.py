@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import schedule
+from ..schedule import CcaSchedule
 from ..kernels import block_diagonal_mlp, block_diagonal_mlp_nchw
 from ..kernels.dispatch import is_elementwise, nchw_on_tokens, tracing
 from .block_diagonal import BlockDiagonalConv1x1, BlockDiagonalLinear
@@ -17,6 +18,10 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch builds without distributed support
     DTensor = None
+
+
+_SCHEDULE_BUFFERS = ('cca_limit', 'cca_step', 'cca_fade', 'cca_lr_peak')
+_SCHEDULE_DEFAULTS = {'cca_step': 0, 'cca_fade': schedule.FULL, 'cca_lr_peak': 0.0}  # a format-1 checkpoint's
 
 
 def _pair(value):
@@ -30,13 +35,16 @@ def _is_sharded(t: Optional[torch.Tensor]) -> bool:
 
 class SchemeMlp(nn.Module):
     """ SCHEME mixer: y = alpha * BD_MLP(x) + (1 - alpha) * CCA(x) in training, alpha * BD_MLP(x) in eval.
-    (alpha, 1 - alpha) = softmax(mix_logits), the CCA weight capped by an annealing schedule over optimizer
-    steps (`cca_anneal_steps`); `fuse()` folds alpha into fc2 and drops CCA for inference.
+    (alpha, 1 - alpha) = softmax(mix_logits), the CCA weight capped by `cca_schedule` as optimizer steps go by;
+    `fuse()` folds alpha into fc2 and drops CCA for inference.
 
     NOTE: When use_conv=True, expects 2D NCHW tensors, otherwise N*C expected.
     `hidden_features` counts hidden units (fc2's input); when gated, fc1 makes a value and a gate per unit,
     packed per group as [value, gate] (gate_last) or [gate, value], so both always share a group.
     """
+    # the state dict entries of the training form, which fusing removes
+    TRAINING_STATE = ('mix_logits',) + _SCHEDULE_BUFFERS
+
     def __init__(
             self,
             in_features: int,
@@ -55,8 +63,7 @@ class SchemeMlp(nn.Module):
             cca_scale: Optional[float] = None,
             cca_normalize: bool = False,
             alpha_init: float = 0.5,
-            cca_anneal_steps: int = 0,
-            cca_anneal_start: float = 0.5,
+            cca_schedule: Optional[CcaSchedule] = None,
             device=None,
             dtype=None,
     ):
@@ -76,9 +83,6 @@ class SchemeMlp(nn.Module):
                 "pass cca=False for this layer")
         if not 0.0 < alpha_init < 1.0:
             raise ValueError(f"SchemeMlp: alpha_init={alpha_init} must lie strictly between 0 and 1")
-        if cca_anneal_steps < 0 or not 0.0 <= cca_anneal_start < 1.0:
-            raise ValueError(f"SchemeMlp: cca_anneal_steps={cca_anneal_steps} must be >= 0 and "
-                             f"cca_anneal_start={cca_anneal_start} in [0, 1)")
         linear_layer = BlockDiagonalConv1x1 if use_conv else BlockDiagonalLinear
         self.use_conv = use_conv
         self.groups = groups
@@ -103,16 +107,19 @@ class SchemeMlp(nn.Module):
             self.mix_logits = nn.Parameter(logits)
             # a cap on the CCA weight set by hand (set_cca_limit): 1 = free, 0 = CCA off
             self.register_buffer('cca_limit', torch.ones((), device=device))
-            # optimizer steps taken: the annealing schedule's clock (an integer, so EMA copies it as it is)
+            # the schedule's state: optimizer steps taken, its cap in millionths (integers, so that an EMA copy
+            # takes them as they are), and the peak learning rate seen
             self.register_buffer('cca_step', torch.zeros((), dtype=torch.long, device=device))
+            self.register_buffer('cca_fade', torch.full((), schedule.FULL, dtype=torch.long, device=device))
+            self.register_buffer('cca_lr_peak', torch.zeros((), device=device))
         else:
             self.cca = None
             self.register_parameter('mix_logits', None)
-            self.register_buffer('cca_limit', None)
-            self.register_buffer('cca_step', None)
-        self.cca_anneal_steps = int(cca_anneal_steps)
-        self.cca_anneal_start = float(cca_anneal_start)
-        self._steps_done = 0  # cca_step as a Python int: skip decisions without a device sync
+            for name in _SCHEDULE_BUFFERS:
+                self.register_buffer(name, None)
+        self.cca_schedule = cca_schedule or CcaSchedule(mode="off")
+        # host copies of the schedule state: skip decisions and the next cap without a device sync
+        self._steps_done, self._fade, self._lr_peak = 0, schedule.FULL, 0.0
         self.cca_skip_threshold = 0.0
         self.cca_in_eval = False  # set by fuse_for_inference to measure what fusing discards
         # the last skip decision, a plain bool so torch.compile and traced forms read it without a host sync
@@ -135,16 +142,8 @@ class SchemeMlp(nn.Module):
     # --- the mixing weights and their annealing ---------------------------------------------------------
 
     def _anneal_factor(self) -> torch.Tensor:
-        """The cap on the CCA weight: the hand-set limit times the schedule, 1 until `cca_anneal_start` of
-        `cca_anneal_steps` optimizer steps, then a cosine to exactly 0 at the last step."""
-        limit = self.cca_limit.float()
-        if self.cca_anneal_steps <= 0:
-            return limit
-        start = self.cca_anneal_start * self.cca_anneal_steps
-        progress = ((self.cca_step.float() - start) / (self.cca_anneal_steps - start)).clamp(0.0, 1.0)
-        schedule = torch.where(progress >= 1.0, torch.zeros_like(progress),
-                               0.5 * (1.0 + torch.cos(progress * math.pi)))
-        return limit * schedule
+        """The cap on the CCA weight: the hand-set limit times the schedule's."""
+        return self.cca_limit.float() * (self.cca_fade.float() * (1.0 / schedule.FULL))
 
     def mixing_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(alpha, 1 - alpha) as scalars of at least float32, after the annealing cap."""
@@ -169,27 +168,36 @@ class SchemeMlp(nn.Module):
 
     @property
     def cca_annealed_out(self) -> bool:
-        """The schedule has driven the CCA weight to exactly 0 (by the step count alone, no device sync)."""
-        return self.cca_anneal_steps > 0 and self._steps_done >= self.cca_anneal_steps
+        """The schedule has driven the CCA weight to exactly 0 (known without a device sync)."""
+        return self._fade == 0
 
     @torch.no_grad()
-    def advance_cca_schedule(self, steps: int = 1) -> None:
-        """Count optimizer steps on the annealing clock (timm_scheme does it after every optimizer step that
-        updates this mixer's mixing logits)."""
+    def advance_cca_schedule(self, lr: Optional[float] = None) -> None:
+        """One optimizer step, taken at learning rate ``lr``: move the schedule on (timm_scheme calls it after
+        every optimizer step that updates this mixer's mixing logits)."""
         if self.cca is None:
             return
-        self.cca_step.add_(steps)
-        self._steps_done += steps
-        if self.cca_annealed_out:
+        self._steps_done += 1
+        if lr is not None:
+            self._lr_peak = max(self._lr_peak, lr)
+        self._fade = int(round(schedule.FULL * self.cca_schedule.cap(self._steps_done, lr, self._lr_peak)))
+        self.cca_step.fill_(self._steps_done)
+        self.cca_lr_peak.fill_(self._lr_peak)
+        self.cca_fade.fill_(self._fade)
+        if not _is_sharded(self.mix_logits):
+            self.update_cca_skip()
+        elif self.cca_annealed_out:  # reading FSDP2-sharded logits would be a collective: the next forward decides
             self._cca_skipped = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.cca_step is not None and prefix + 'cca_step' not in state_dict and prefix + 'mix_logits' in state_dict:
-            # written before the clock existed (checkpoint format 1): no steps counted yet
-            state_dict[prefix + 'cca_step'] = torch.zeros_like(self.cca_step)
+        if self.cca is not None and prefix + 'mix_logits' in state_dict:
+            for name, value in _SCHEDULE_DEFAULTS.items():  # written before the schedule existed (format 1)
+                state_dict.setdefault(prefix + name, torch.full_like(getattr(self, name), value))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.cca_step is not None and not self.cca_step.is_meta:
-            self._steps_done = int(self.cca_step)  # a resumed run continues the schedule where it stopped
+        if self.cca is not None and not self.cca_step.is_meta:
+            # a resumed run continues the schedule where it stopped
+            self._steps_done, self._fade = int(self.cca_step), int(self.cca_fade)
+            self._lr_peak = float(self.cca_lr_peak)
             self.update_cca_skip()
 
     def update_cca_skip(self) -> bool:
@@ -324,7 +332,7 @@ class SchemeMlp(nn.Module):
             return y
         alpha, cca_weight = self.mixing_weights()
         use_cca = self.training or self.cca_in_eval
-        if use_cca and (self.cca_skip_threshold > 0 or self.cca_anneal_steps > 0):
+        if use_cca and (self.cca_skip_threshold > 0 or self.cca_annealed_out):
             use_cca = not (self._cca_skipped if torch.compiler.is_compiling() else self.update_cca_skip())
         if not use_cca:
             return alpha.to(y.dtype) * y
@@ -344,12 +352,12 @@ class SchemeMlp(nn.Module):
             self.fc2.bias.copy_((self.fc2.bias.float() * alpha).to(self.fc2.bias.dtype))
         self.cca = None
         self.mix_logits = None
-        self.cca_limit = None
-        self.cca_step = None
+        for name in _SCHEDULE_BUFFERS:
+            setattr(self, name, None)
         self._cca_skipped = False
         return self
 
     def extra_repr(self) -> str:
         gate = f", gated=True, gate_last={self.gate_last}" if self.gated else ""
-        anneal = f", cca_anneal_steps={self.cca_anneal_steps}" if self.cca is not None and self.cca_anneal_steps else ""
+        anneal = f", cca_anneal={self.cca_schedule.mode}" if self.cca is not None else ""
         return f"groups={self.groups}, hidden_features={self.hidden_features}, cca={self.has_cca}{gate}{anneal}"

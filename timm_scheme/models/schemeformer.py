@@ -12,16 +12,8 @@ Unlike the paper, there is no learnt 14x14 position embedding before stage 3: it
 which rules out other resolutions and dense-prediction backbones; the zero-padded pooling stages
 already see position. No pretrained weights exist.
 
-Measured with ``timm_scheme.stats`` (fused model, 1000 classes; MACs per 224x224 image; training adds two
-mixing logits per block and the CCA branch):
-
-    name                            groups  params      MACs
-    schemeformer_ppaa_s12_224          4    11,764,648  1.61 G
-    schemeformer_ppaa_s12_g2_224       2    16,483,240  2.40 G   (= dense E=4 PPAA-S12: 16,469,928, 2.40 G)
-    schemeformer_ppaa_s12_g8_224       8     9,405,352  1.21 G
-    schemeformer_ppaa_s36_224          4    30,411,176  4.36 G
-    schemeformer_ppaa_s36_g2_224       2    44,566,952  6.73 G   (= dense E=4 PPAA-S36: 44,527,016, 6.73 G)
-    schemeformer_ppaa_s36_g8_224       8    23,333,288  3.17 G
+Depths S12 (2, 2, 6, 2), S24 (4, 4, 12, 4), S36 (6, 6, 18, 6); groups 4 in the base names, 2 and 8 in the
+``_g2`` / ``_g8`` variants. Parameter and MAC counts, and how they compare with the paper's, are in the README.
 """
 from __future__ import annotations
 
@@ -29,12 +21,11 @@ from typing import Any, Dict, Optional, Union
 
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import GroupNorm1, LayerNorm, trunc_normal_
+from timm.layers import GroupNorm1, LayerNorm
 from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.metaformer import Attention, MetaFormer, Pooling
 
 from ..config import SchemeConfig
-from ..layers.block_diagonal import _BlockDiagonal
 from ..patch import scheme_patch
 
 __all__ = ["SchemeFormer"]
@@ -55,13 +46,8 @@ class SchemeFormer(MetaFormer):
     def __init__(self, scheme_config: Optional[Union[SchemeConfig, Dict[str, Any]]] = None, **kwargs):
         super().__init__(**kwargs)
         config = _as_config(scheme_config)
+        # the block-diagonal projections start like the MetaFormer ones they replace (trunc-normal 0.02, zero bias)
         scheme_patch(self, **config.to_dict())
-        # the block-diagonal projections start like every other projection of MetaFormer
-        for m in self.modules():
-            if isinstance(m, _BlockDiagonal):
-                trunc_normal_(m.weight, std=.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
 
 def _as_config(scheme_config: Optional[Union[SchemeConfig, Dict[str, Any]]]) -> SchemeConfig:
@@ -138,6 +124,9 @@ _VARIANTS = {
     "schemeformer_ppaa_s12_224": ((2, 2, 6, 2), 4),
     "schemeformer_ppaa_s12_g2_224": ((2, 2, 6, 2), 2),
     "schemeformer_ppaa_s12_g8_224": ((2, 2, 6, 2), 8),
+    "schemeformer_ppaa_s24_224": ((4, 4, 12, 4), 4),
+    "schemeformer_ppaa_s24_g2_224": ((4, 4, 12, 4), 2),
+    "schemeformer_ppaa_s24_g8_224": ((4, 4, 12, 4), 8),
     "schemeformer_ppaa_s36_224": ((6, 6, 18, 6), 4),
     "schemeformer_ppaa_s36_g2_224": ((6, 6, 18, 6), 2),
     "schemeformer_ppaa_s36_g8_224": ((6, 6, 18, 6), 8),
@@ -183,6 +172,24 @@ def schemeformer_ppaa_s12_g2_224(pretrained: bool = False, **kwargs) -> SchemeFo
 def schemeformer_ppaa_s12_g8_224(pretrained: bool = False, **kwargs) -> SchemeFormer:
     """SCHEMEformer PPAA-S12 with groups=8 (BD-MLP a quarter of the dense E=4 MLP)."""
     return _ppaa("schemeformer_ppaa_s12_g8_224", pretrained, **kwargs)
+
+
+@register_model
+def schemeformer_ppaa_s24_224(pretrained: bool = False, **kwargs) -> SchemeFormer:
+    """SCHEMEformer PPAA-S24: depths (4, 4, 12, 4), widths (64, 128, 320, 512), E=8, groups=4."""
+    return _ppaa("schemeformer_ppaa_s24_224", pretrained, **kwargs)
+
+
+@register_model
+def schemeformer_ppaa_s24_g2_224(pretrained: bool = False, **kwargs) -> SchemeFormer:
+    """SCHEMEformer PPAA-S24 with groups=2."""
+    return _ppaa("schemeformer_ppaa_s24_g2_224", pretrained, **kwargs)
+
+
+@register_model
+def schemeformer_ppaa_s24_g8_224(pretrained: bool = False, **kwargs) -> SchemeFormer:
+    """SCHEMEformer PPAA-S24 with groups=8."""
+    return _ppaa("schemeformer_ppaa_s24_g8_224", pretrained, **kwargs)
 
 
 @register_model

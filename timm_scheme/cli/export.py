@@ -7,39 +7,38 @@
 
 The checkpoint is read with ``torch.load(weights_only=True)``: timm's train-script format (a dict with
 ``state_dict`` / ``state_dict_ema``, its ``args`` allowed), a bare state dict, or a ``.safetensors`` file.
-Model arguments not given on the command line are taken from the checkpoint's ``args`` when it has them.
+Model arguments and SCHEME options not given on the command line are taken from the checkpoint's ``args`` when
+it has them, and the SCHEME structure otherwise from its weights (``timm_scheme.io.training_checkpoint``).
 """
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
 from timm.models._input import get_model_input_config
+from timm.utils import ParseKwargs
 from torch import nn
 
-from .config import CCA_SCALE_MODES, INIT_MODES, SchemeConfig
-from .fuse import fuse_for_inference, max_relative_difference, scheme_mixers
-from .io import save_pretrained
-from .io.format import CheckpointFormatError
-from .io.hub import push_folder_to_hub
-from .io.artifacts import ExportVerificationError
-from .io.onnx import export_onnx
-from .io.torchscript import export_torchscript
-from .io.weights import check_state_dict, read_training_checkpoint
-from .patch import is_patched, patch_structure
-from .stats import count_macs, count_params
+from ..fuse import FuseVerificationError, fuse_for_inference
+from ..io import save_pretrained
+from ..io.artifacts import ExportVerificationError
+from ..io.format import CheckpointFormatError
+from ..io.hub import push_folder_to_hub
+from ..io.onnx import export_onnx
+from ..io.torchscript import export_torchscript
+from ..io.training_checkpoint import rebuild
+from ..mixers import is_fused
+from ..stats import count_macs, count_params
+from .scheme_flags import add_scheme_flags, scheme_flags_given
 
 _logger = logging.getLogger(__name__)
 _STEPS = 5
-_CHOICES = {"cca_scale_mode": CCA_SCALE_MODES, "init": INIT_MODES}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,11 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="classes of the head (default: read from the checkpoint)")
     model.add_argument("--img-size", type=int, default=None)
     model.add_argument("--in-chans", type=int, default=None)
-    model.add_argument("--model-kwargs", nargs="*", default=None, action=_ParseKwargs, metavar="KEY=VALUE",
+    model.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
                        help="other timm.create_model arguments, e.g. patch_size=8")
-    scheme = parser.add_argument_group("SCHEME options the model was patched with (defaults: SchemeConfig's)")
-    for field in dataclasses.fields(SchemeConfig):
-        _add_option(scheme, field)
+    add_scheme_flags(parser, "SCHEME options the model was patched with (defaults: the checkpoint's record, else "
+                             "what its weights show, else SchemeConfig's)")
     check = parser.add_argument_group("fuse check")
     check.add_argument("--batch-size", type=int, default=8, help="random inputs to compare outputs on")
     check.add_argument("--tolerance", type=float, default=1e-5,
@@ -92,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", UserWarning)  # fuse_for_inference's warning is in the report
             return _run(args)
     except (CheckpointFormatError, FileNotFoundError, FileExistsError, ValueError, ImportError,
-            ExportVerificationError) as e:
+            ExportVerificationError, FuseVerificationError) as e:
         print(f"error: {e}")
         return 2
 
@@ -104,47 +102,49 @@ def _run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
     _check_file_options(args)
 
-    _step(1, f"reading {args.checkpoint} (torch.load weights_only=True)")
-    state_dict, info = read_training_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    train_args = info.get("args") or {}
-    print(f"      {len(state_dict)} tensors from {repr(info['key']) if info['key'] else 'a bare state dict'}"
+    _step(1, f"reading {args.checkpoint} (torch.load weights_only=True) and rebuilding its model")
+    given = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size),
+                               ("in_chans", args.in_chans)) if v is not None}
+    rebuilt = rebuild(args.checkpoint, use_ema=args.use_ema, model_name=args.model,
+                      model_kwargs={**(args.model_kwargs or {}), **given} if args.model_kwargs is not None or given
+                      else None, scheme_options=scheme_flags_given(args))
+    info, model, name, kwargs, config = rebuilt.info, rebuilt.model, rebuilt.name, rebuilt.kwargs, rebuilt.config
+    print(f"      {len(model.state_dict())} tensors from "
+          f"{repr(info['key']) if info['key'] else 'a bare state dict'}"
           + "".join(f", {k} {info[k]}" for k in ("epoch", "metric") if info.get(k) is not None))
-
-    name, kwargs, config, origin = _model_options(args, train_args, state_dict)
-    _step(2, f"building {name} ({_kwargs_text(kwargs)}) with SCHEME {_config_text(config)}")
-    for text in origin:
+    _step(2, f"built {name} ({_kwargs_text(kwargs)}) with SCHEME {config.describe()}")
+    for text in rebuilt.origin:
         print(f"      {text}")
-    model, already_fused = _build(name, kwargs, config, state_dict, args.checkpoint)
     model.eval()
     params_unfused = count_params(model)
 
     generator = torch.Generator().manual_seed(args.seed)
     input_size = tuple(get_model_input_config(model)["input_size"])
     x = torch.randn(args.batch_size, *input_size, generator=generator)
-    with torch.no_grad():
-        reference = model(x)
 
-    report, max_rel = None, 0.0
-    if args.no_fuse or already_fused:
-        _step(3, "checking the model" + (" (already fused in the checkpoint)" if already_fused else
+    report = None
+    if args.no_fuse or rebuilt.already_fused:
+        _step(3, "checking the model" + (" (already fused in the checkpoint)" if rebuilt.already_fused else
                                          " (--no-fuse: exporting the unfused training form)"))
     else:
         _step(3, f"fusing and checking against the unfused eval output on {args.batch_size} random inputs")
-        fuse_for_inference(model, x)
+        fuse_for_inference(model, x, tolerance=args.tolerance)  # raises, and nothing is written, if they differ
         report = model.scheme_fuse_report
-        with torch.no_grad():
-            fused = model(x)
-        max_rel = max_relative_difference(reference, fused)
-        print(f"      max |fused - unfused| / max |unfused| = {max_rel:.2e} (tolerance {args.tolerance:g})")
-        if not max_rel <= args.tolerance:
-            print(f"error: the fused model differs from the unfused one by {max_rel:.2e} > {args.tolerance:g}; "
-                  "nothing was written")
-            return 1
-        reference = fused
+        if report.nothing_to_fuse:
+            print(f"      {report.summary()}")
+        else:
+            print(f"      max |fused - unfused| / max |unfused| = {report.eval_difference:.2e} "
+                  f"(tolerance {args.tolerance:g})")
+    with torch.no_grad():
+        reference = model(x)
 
     _step(4, f"writing {output}")
+    data_config = rebuilt.preprocessing
+    if data_config:
+        print(f"      preprocessing from the checkpoint's args: {data_config}")
     folder = save_pretrained(model, output, overwrite=args.overwrite, base_architecture=name,
-                             base_model=args.base_model, license=args.license, repo_id=args.push_to_hub)
+                             base_model=args.base_model, license=args.license, repo_id=args.push_to_hub,
+                             data_config=data_config or None)
     reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     with torch.no_grad():
         same = torch.equal(reloaded(x), reference)
@@ -173,13 +173,14 @@ def _run(args: argparse.Namespace) -> int:
     rows = [
         ("checkpoint", f"{args.checkpoint} [{info['key'] or 'state dict'}]"),
         ("model", f"{name} ({_kwargs_text(kwargs)})"),
-        ("SCHEME", _config_text(config)),
-        ("form", "fused (inference)" if model_is_fused(model) else "unfused (training, CCA kept)"),
+        ("SCHEME", config.describe()),
+        ("form", "fused (inference)" if is_fused(model) else "unfused (training, CCA kept)"),
         ("parameters", f"{params_unfused:,} -> {count_params(model):,}"),
         ("MACs / image", f"{macs:,} at {'x'.join(map(str, input_size))}" if macs is not None else "n/a"),
     ]
+    if report is not None and report.eval_difference is not None:
+        rows.append(("fuse check", f"max relative difference {report.eval_difference:.2e} (<= {args.tolerance:g})"))
     if report is not None:
-        rows.append(("fuse check", f"max relative difference {max_rel:.2e} (<= {args.tolerance:g})"))
         rows.append(("discarded by fusing", report.summary()))
         if report.above_threshold:
             shown = ", ".join(f"{n} ({report.cca_weights[n]:.3g})" for n in report.above_threshold[:4])
@@ -216,134 +217,12 @@ def _check_file_options(args: argparse.Namespace) -> None:
             raise FileExistsError(f"{flag} {value} already exists; pass --overwrite to replace it")
 
 
-def model_is_fused(model: nn.Module) -> bool:
-    return not any(m.has_cca for m in scheme_mixers(model).values())
-
-
-def _build(name: str, kwargs: Dict[str, Any], config: SchemeConfig, state_dict: Dict[str, torch.Tensor],
-           checkpoint: str) -> Tuple[nn.Module, bool]:
-    """The patched model the checkpoint was trained as, with its weights; and whether they were already fused."""
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if not is_patched(model):
-        patch_structure(model, config)
-    has_logits = any(k.endswith("mix_logits") for k in state_dict)
-    already_fused = not has_logits and any(m.has_cca for m in scheme_mixers(model).values())
-    if already_fused:  # e.g. an earlier export: build the inference form it holds
-        for mixer in scheme_mixers(model).values():
-            mixer.fuse()
-    check_state_dict(state_dict, model, source=checkpoint,
-                     what=f"{name} patched with the given SCHEME options ({_config_text(config)})",
-                     arguments_hint="--img-size, --num-classes, --in-chans and --model-kwargs KEY=VALUE")
-    model.load_state_dict(state_dict, strict=True)
-    return model, already_fused
-
-
-def _model_options(args: argparse.Namespace, train_args: Dict[str, Any], state_dict: Dict[str, torch.Tensor]
-                   ) -> Tuple[str, Dict[str, Any], SchemeConfig, List[str]]:
-    """Model name, create_model kwargs and SCHEME config: the command line first, then the checkpoint's args."""
-    origin: List[str] = []
-    name = args.model or train_args.get("model")
-    if not name:
-        raise ValueError("--model is required: the checkpoint does not record the timm model it was trained as")
-    if not timm.is_model(name):
-        raise ValueError(f"--model {name!r} is not a timm model name (see timm.list_models())")
-    if not args.model:
-        origin.append(f"model {name!r} from the checkpoint's args")
-
-    kwargs: Dict[str, Any] = {}
-    saved_kwargs = train_args.get("model_kwargs")
-    if args.model_kwargs is not None:
-        kwargs.update(args.model_kwargs)
-    elif isinstance(saved_kwargs, dict) and saved_kwargs:
-        kwargs.update(saved_kwargs)
-        origin.append(f"model kwargs {saved_kwargs} from the checkpoint's args")
-    for key in ("num_classes", "img_size", "in_chans"):
-        value = getattr(args, key)
-        if value is None and train_args.get(key) is not None:
-            value = train_args[key]
-            origin.append(f"{key}={value} from the checkpoint's args")
-        if value is not None:
-            kwargs.setdefault(key, value)
-    if "num_classes" not in kwargs:
-        classes = _classes_in(name, state_dict)
-        if classes is not None:
-            kwargs["num_classes"] = classes
-            origin.append(f"num_classes={classes} from the classifier weights")
-
-    options: Dict[str, Any] = {}
-    saved = {k: v for k, v in train_args.items() if k in {f.name for f in dataclasses.fields(SchemeConfig)}}
-    saved.update(train_args.get("scheme_options") or {})
-    if train_args.get("no_cca"):
-        saved["cca"] = False
-    for field in dataclasses.fields(SchemeConfig):
-        value = getattr(args, field.name)
-        if value is not None:
-            options[field.name] = None if value == "none" else value
-        elif field.name in saved:
-            options[field.name] = saved[field.name]
-            origin.append(f"{field.name}={saved[field.name]!r} from the checkpoint's args")
-    return name, kwargs, SchemeConfig.from_dict(options), origin
-
-
-def _classes_in(name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
-    cfg = timm.models.get_pretrained_cfg(name)
-    classifier = cfg.classifier if cfg is not None else None
-    for head in ([classifier] if isinstance(classifier, str) else list(classifier or [])):
-        weight = state_dict.get(f"{head}.weight")
-        if weight is not None:
-            return int(weight.shape[0])
-    return None
-
-
-def _add_option(group: argparse._ArgumentGroup, field: dataclasses.Field) -> None:
-    flag = "--" + field.name.replace("_", "-")
-    default = field.default
-    if isinstance(default, bool):
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default {default})")
-    elif field.name == "expansion":
-        group.add_argument(flag, type=_float_or_none, default=None, metavar="E",
-                           help=f"hidden units per input channel, or 'none' for each layer's width (default {default:g})")
-    elif default is None:  # alpha_init: its default depends on init
-        group.add_argument(flag, type=float, default=None, help="(default: SchemeConfig's for the init)")
-    else:
-        group.add_argument(flag, type=type(default), default=None, choices=_CHOICES.get(field.name),
-                           help=f"(default {default})")
-
-
-def _float_or_none(text: str) -> Any:
-    return "none" if text.lower() == "none" else float(text)
-
-
-class _ParseKwargs(argparse.Action):
-    """KEY=VALUE pairs, values read as Python literals when they are (as timm's train script does)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        kwargs = {}
-        for item in values:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                parser.error(f"{option_string}: expected KEY=VALUE, got {item!r}")
-            try:
-                kwargs[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                kwargs[key] = value
-        setattr(namespace, self.dest, kwargs)
-
-
 def _step(i: int, text: str) -> None:
     print(f"[{i}/{_STEPS}] {text}", flush=True)
 
 
 def _kwargs_text(kwargs: Dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"
-
-
-def _config_text(config: SchemeConfig) -> str:
-    defaults = SchemeConfig()
-    changed = [f"{k}={v}" for k, v in config.to_dict().items()
-               if k in ("groups", "expansion") or v != getattr(defaults, k)]
-    return ", ".join(changed)
 
 
 def _macs(model: nn.Module, input_size: Tuple[int, ...]) -> Optional[int]:

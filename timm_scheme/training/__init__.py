@@ -1,0 +1,5 @@
+"""Training SCHEME models: the one loop every command and example uses, the data of a run, and a whole
+``timm-scheme train`` run."""
+from .loop import evaluate, random_batches, short_schedule, train_one_epoch
+
+__all__ = ["train_one_epoch", "evaluate", "short_schedule", "random_batches"]
