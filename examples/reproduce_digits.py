@@ -40,8 +40,8 @@ TRAININGS = {
     "dense_e4": ["--no-scheme", "--model-kwargs", *VIT],
     "dense_e8": ["--no-scheme", "--model-kwargs", *VIT, "mlp_ratio=8"],
     "bd_e8_g4": ["--groups", "4", "--expansion", "8", "--no-cca", "--model-kwargs", *VIT],
-    "scheme_e8_g4": ["--groups", "4", "--expansion", "8", "--cca-anneal", "off", "--model-kwargs", *VIT],
-    "scheme_e8_g4_anneal": ["--groups", "4", "--expansion", "8", "--cca-anneal-start", str(ANNEAL_START),
+    "scheme_e8_g4": ["--groups", "4", "--expansion", "8", "--cca", "--cca-anneal", "off", "--model-kwargs", *VIT],
+    "scheme_e8_g4_anneal": ["--groups", "4", "--expansion", "8", "--cca", "--cca-anneal-start", str(ANNEAL_START),
                             "--model-kwargs", *VIT],
 }
 # row -> (training it comes from, how it is measured)

@@ -20,3 +20,16 @@ def test_benchmark_quick_run_prints_every_section(tmp_path):
                   "BD-MLP block and CCA, training", "Whole model, inference", "Training step"):
         assert title in report, f"section {title!r} missing from the benchmark report"
     assert "nan" not in report.split("### Attainable")[0]  # every ratio of the first sections was measured
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_run_on_cpu(tmp_path):
+    """The accelerator check, prepared for when a GPU is at hand, runs every section on the CPU (tiny sizes)."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--quick",
+                             "--out", str(tmp_path / "check")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "check.md").read_text()
+    for title in ("Correctness:", "BD-MLP (g=4, E=8, fused) vs timm's dense E=4 Mlp", "Whole model, inference",
+                  "Training step"):
+        assert title in report, title
+    assert "FAIL" not in report and "| nan |" not in report

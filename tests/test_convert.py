@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers.mlp import ConvMlp, GluMlp, Mlp, SwiGLU
 
-from timm_scheme import SchemeMlp, save_pretrained, scheme_mixers, scheme_patch
+from timm_scheme import SchemeMlp, save_pretrained, scheme_mixers
+from timm_scheme import scheme_patch as _scheme_patch
 from timm_scheme.convert import (
     OutputErrorStats, assign_units, dense_weights, diagonal_units, energy_scores, init_from_dense,
     layer_output_errors, original_unit_slots, total_score)
@@ -23,6 +24,11 @@ from .models import create, example_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def scheme_patch(model, *args, **options):
+    """These tests exercise SCHEME with its CCA branch (off by default): mixing weights, folding alpha, fusing."""
+    return _scheme_patch(model, *args, **{"cca": True, **options})
 
 
 def _trained_like(model: torch.nn.Module) -> torch.nn.Module:

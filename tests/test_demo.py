@@ -8,7 +8,7 @@ from timm_scheme.cli import main
 
 def test_demo_runs_and_reports_consistent_numbers(capsys):
     with pytest.warns(UserWarning, match="discarded a CCA weight"):  # CCA not annealed: fusing drops it
-        code = main(["demo", "--steps", "3", "--batch-size", "16", "--cca-anneal", "off", "--no-progress"])
+        code = main(["demo", "--steps", "3", "--batch-size", "16", "--cca", "--cca-anneal", "off", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0 and "check: PASS" in out
     assert "mixers replaced        12" in out

@@ -47,7 +47,7 @@ TIMEOUT_S = 240
 def _tiny_scheme_vit(skip: bool) -> torch.nn.Module:
     model = timm.create_model("vit_tiny_patch16_224", **MODEL_KWARGS)
     # annealed over the optimizer steps (half way by the end): every rank's clock must match the reference's
-    scheme_patch(model, groups=4, expansion=4, cca_anneal_steps=2 * STEPS, cca_anneal_start=0.0)
+    scheme_patch(model, groups=4, expansion=4, cca=True, cca_anneal_steps=2 * STEPS, cca_anneal_start=0.0)
     mixers = scheme_mixers(model)
     mixers[SKIPPED_LATER].recompute_hidden = True  # the tiled autograd.Function, under DDP/FSDP as well
     if skip:
@@ -307,7 +307,7 @@ def test_train_command_under_torchrun(tmp_path):
     # 64 images per process and step: the global batch of test_train's single-process runs. Annealing with a
     # skip threshold makes both layers skip CCA during the run, under DDP without find_unused_parameters.
     result = _torchrun(["-m", "timm_scheme.cli", "train", *TINY, "--batch-size", "64", "--epochs", "2",
-                        "--cca-anneal-start", "0", "--cca-skip-threshold", "0.2",
+                        "--cca", "--cca-anneal-start", "0", "--cca-skip-threshold", "0.2",
                         "--output", str(out)], timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:]
     # rank 0 alone reports and writes: each message once, each file once

@@ -18,7 +18,8 @@ from huggingface_hub import constants
 from timm.optim import create_optimizer_v2
 from timm.utils import CheckpointSaver, ModelEmaV3
 
-from timm_scheme import cca_weights, scheme_patch
+from timm_scheme import cca_weights
+from timm_scheme import scheme_patch as _scheme_patch
 from timm_scheme.cli import main
 
 from .hub_server import LocalHub, client_settings
@@ -29,6 +30,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Use 'content=<...>':Deprecation
 MODEL = "deit_tiny_patch16_224"
 MODEL_KWARGS = {"patch_size": 8, "depth": 3}
 TOKEN = "hf_export_test_77e1c0"
+
+
+def scheme_patch(model, *args, **options):
+    """These tests exercise SCHEME with its CCA branch (off by default): mixing weights, folding alpha, fusing."""
+    return _scheme_patch(model, *args, **{"cca": True, **options})
 
 
 def build(groups: int = 2, expansion: float = 4.0) -> torch.nn.Module:

@@ -42,7 +42,7 @@ def images(key: str, batch: int, seed: int = 0) -> torch.Tensor:
 
 def patched(key: str, keep=None) -> nn.Module:
     torch.manual_seed(0)
-    model = scheme_patch(shallow(create(key), keep=keep or EXPORTED[key]), groups=4, expansion=8)
+    model = scheme_patch(shallow(create(key), keep=keep or EXPORTED[key]), groups=4, expansion=8, cca=True)
     with torch.no_grad():  # alpha away from its 0.5 init, so that folding it into fc2 changes the weights
         for name, param in model.named_parameters():
             if name.endswith("mix_logits"):

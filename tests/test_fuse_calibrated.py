@@ -87,7 +87,7 @@ def test_calibration_brings_a_model_trained_without_annealing_closer_to_what_it_
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
                               num_classes=10, drop_path_rate=0.0)
-    scheme_patch(model, groups=4, expansion=4, cca_anneal="off")
+    scheme_patch(model, groups=4, expansion=4, cca=True, cca_anneal="off")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     calibration, held_out = torch.randn(64, 3, 16, 16), torch.randn(32, 3, 16, 16)
     for _ in range(20):

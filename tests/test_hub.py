@@ -51,7 +51,7 @@ def make_model(kind: str, *, fused: bool = False, seed: int = 0, **patch_options
     name, kwargs = MODELS[kind]
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
-    scheme_patch(model, groups=4, expansion=8, **patch_options)
+    scheme_patch(model, groups=4, expansion=8, **{"cca": True, **patch_options})
     with torch.no_grad():  # learnt-looking mixing weights, so fusing has something to fold
         for mixer in scheme_mixers(model).values():
             if mixer.has_cca:

@@ -9,10 +9,16 @@ from timm.layers.mlp import ConvMlp, GluMlp, Mlp, SwiGLU
 from torch import nn
 
 import timm_scheme
-from timm_scheme import SchemeMlp, cca_in_eval, cca_weights, find_mlps, fuse_for_inference, scheme_patch
+from timm_scheme import SchemeMlp, cca_in_eval, cca_weights, find_mlps, fuse_for_inference
+from timm_scheme import scheme_patch as _scheme_patch
 from timm_scheme import scheme_mixers
 
 from .models import ARCHITECTURES, create, example_input
+
+
+def scheme_patch(model, *args, **options):
+    """These tests exercise SCHEME with its CCA branch (off by default): mixing weights, folding alpha, fusing."""
+    return _scheme_patch(model, *args, **{"cca": True, **options})
 
 
 def copy_dense_weights(original: nn.Module, new: SchemeMlp) -> None:

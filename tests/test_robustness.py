@@ -38,7 +38,7 @@ PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[Healt
 
 def patched(key: str, keep: int = 2) -> nn.Module:
     torch.manual_seed(0)
-    model = scheme_patch(shallow(create(key), keep=keep), groups=4, expansion=8)
+    model = scheme_patch(shallow(create(key), keep=keep), groups=4, expansion=8, cca=True)
     with torch.no_grad():  # alpha away from its 0.5 init: CCA and BD-MLP weigh differently per layer
         for name, param in model.named_parameters():
             if name.endswith("mix_logits"):

@@ -24,7 +24,7 @@ def tiny(**options) -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
                               num_classes=10, drop_path_rate=0.0)
-    return scheme_patch(model, groups=4, expansion=4, **options)
+    return scheme_patch(model, groups=4, expansion=4, **{"cca": True, **options})
 
 
 def data(steps: int, batch: int = 8, seed: int = 0):
@@ -85,16 +85,19 @@ def test_bad_schedule_options_say_what_would_work(options, message):
 
 
 def test_config_records_the_schedule_in_effect():
-    assert SchemeConfig().cca_anneal == "lr"
+    assert SchemeConfig().cca is False and SchemeConfig().cca_anneal == "lr"
+    assert not any(m.has_cca for m in scheme_mixers(scheme_patch(timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2))).values())
     assert SchemeConfig(cca_anneal_steps=100).cca_anneal == "steps"
     assert SchemeConfig.from_dict(SchemeConfig(cca_anneal_steps=100).to_dict()) == SchemeConfig(cca_anneal_steps=100)
 
 
 # --- the clock: optimizer steps -------------------------------------------------------------------------------
 
-def test_bare_patch_anneals_out_under_a_timm_cosine_schedule():
-    """The one-line patch and timm's own optimizer and scheduler factories: nothing else in the loop, and CCA is
-    gone by the end, so the eval / fused function is the one the last steps trained."""
+def test_cca_anneals_out_under_a_timm_cosine_schedule_with_no_change_to_the_loop():
+    """The one-line patch with CCA (default schedule "lr") and timm's own optimizer and scheduler factories:
+    nothing else in the loop, and CCA is gone by the end, so the eval / fused function is the one the last steps
+    trained."""
     model = tiny()
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3)
     scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=4, warmup_epochs=1, min_lr=0,

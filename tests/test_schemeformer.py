@@ -35,7 +35,7 @@ def test_builds_and_runs(name):
     # the larger S24 and S36 variants are checked for structure only, on the meta device (no memory, no time)
     run = name in S12 or name in ("schemeformer_ppaa_s24_224", "schemeformer_ppaa_s36_224")
     model = timm.create_model(name, num_classes=7, device=None if run else "meta").eval()
-    assert model.scheme_config == SchemeConfig(groups=GROUPS[name], expansion=8.0)
+    assert model.scheme_config == SchemeConfig(groups=GROUPS[name], expansion=8.0, cca=True)  # the paper's family
     mixers = [m for m in model.modules() if isinstance(m, SchemeMlp)]
     depths = DEPTHS[name.split("_")[2]]
     assert len(mixers) == sum(depths)

@@ -39,7 +39,8 @@ PATCHED = {"deit_tiny_patch16_224": 2, "swin_tiny_patch4_window7_224": (2, 1, 1,
 
 def _patched(key: str, fused: bool) -> Callable[..., nn.Module]:
     def build(**kwargs) -> nn.Module:
-        model = scheme_patch(shallow(create(key, drop_path_rate=0.0, **kwargs), PATCHED[key]), groups=4, expansion=8)
+        model = scheme_patch(shallow(create(key, drop_path_rate=0.0, **kwargs), PATCHED[key]), groups=4, expansion=8,
+                             cca=True)
         if fused:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # the CCA weight an untrained model discards

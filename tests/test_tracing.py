@@ -54,7 +54,8 @@ def build(key: str, form: str) -> nn.Module:
     if key.startswith("schemeformer"):
         model = timm.create_model(key, num_classes=10, depths=(1, 1, 1, 1))
     else:
-        model = scheme_patch(shallow(create(key, drop_path_rate=0.0), MODELS[key]), groups=4, expansion=8)
+        model = scheme_patch(shallow(create(key, drop_path_rate=0.0), MODELS[key]), groups=4, expansion=8,
+                             cca=True)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("mix_logits"):

@@ -27,7 +27,7 @@ def _train(tmp_path, name, *extra):
 
 
 def test_train_end_to_end(tmp_path):
-    code, out = _train(tmp_path, "run", "--epochs", "2")
+    code, out = _train(tmp_path, "run", "--epochs", "2", "--cca")
     assert code == 0
     for name in ("log.csv", "log.json", "checkpoint.pth", "summary.json", "export/model.safetensors",
                  "export/config.json"):
@@ -66,7 +66,7 @@ def test_train_end_to_end(tmp_path):
 
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path):
-    common = ("--epochs", "3", "--cca-anneal-start", "0.3")
+    common = ("--epochs", "3", "--cca", "--cca-anneal-start", "0.3")
     code, straight = _train(tmp_path, "straight", *common)
     assert code == 0
     code, parted = _train(tmp_path, "parted", *common, "--stop-after", "1")

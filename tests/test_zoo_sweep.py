@@ -5,7 +5,8 @@ import timm
 import torch
 from timm.models import _registry
 
-from timm_scheme import find_mlps, fuse_for_inference, scheme_mixers, scheme_patch
+from timm_scheme import find_mlps, fuse_for_inference, scheme_mixers
+from timm_scheme import scheme_patch as _scheme_patch
 
 # model -> (create_model kwargs, image size, groups). Large families are shrunk (depth, img_size);
 # the MLP modules are the same classes as in the full-size models.
@@ -66,6 +67,11 @@ EXCLUDED = {
         "swiftformer", "visformer", "vitamin", "gemma4_vit"],
     "VGG's ConvMlp is its pre-logits head, not a channel mixer": ["vgg"],
 }
+
+
+def scheme_patch(model, *args, **options):
+    """These tests exercise SCHEME with its CCA branch (off by default): mixing weights, folding alpha, fusing."""
+    return _scheme_patch(model, *args, **{"cca": True, **options})
 
 
 def _family(name: str) -> str:

@@ -115,14 +115,12 @@ def _scheme_options(given: Dict[str, Any], train_args: Dict[str, Any], state_dic
         recorded.update(train_args.get("scheme_options") or {})
         if train_args.get("no_cca"):
             recorded["cca"] = False
-    source = "the checkpoint's args"
-    if not recorded:
-        recorded, source = _structure_of(state_dict), "the weights"
     options = dict(given)
-    for key, value in recorded.items():
-        if key in _FIELDS and key not in options:
-            options[key] = value
-            origin.append(f"{key}={value!r} from {source}")
+    for values, source in ((recorded, "the checkpoint's args"), (_structure_of(state_dict), "the weights")):
+        for key, value in values.items():
+            if key in _FIELDS and key not in options:
+                options[key] = value
+                origin.append(f"{key}={value!r} from {source}")
     return options
 
 

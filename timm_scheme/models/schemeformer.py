@@ -52,7 +52,7 @@ class SchemeFormer(MetaFormer):
 
 def _as_config(scheme_config: Optional[Union[SchemeConfig, Dict[str, Any]]]) -> SchemeConfig:
     if scheme_config is None:
-        return SchemeConfig()
+        return SchemeConfig(cca=True)
     if isinstance(scheme_config, SchemeConfig):
         return scheme_config
     if isinstance(scheme_config, dict):
@@ -64,11 +64,12 @@ def _as_config(scheme_config: Optional[Union[SchemeConfig, Dict[str, Any]]]) -> 
 
 def _create_schemeformer(variant: str, pretrained: bool = False, groups: int = 4, **kwargs) -> SchemeFormer:
     _check_pretrained(variant, pretrained, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
-    # the variant fixes groups and E = 8; a scheme_config given by the caller overrides them field by field
+    # the variant fixes groups, E = 8 and the paper's CCA branch (faded out by the patch's default schedule); a
+    # scheme_config given by the caller overrides them field by field
     scheme_config = kwargs.pop("scheme_config", None)
     if isinstance(scheme_config, SchemeConfig):
         scheme_config = scheme_config.to_dict()
-    scheme_config = {"groups": groups, "expansion": 8.0, **(scheme_config or {})}
+    scheme_config = {"groups": groups, "expansion": 8.0, "cca": True, **(scheme_config or {})}
     depths = kwargs.get("depths", (2, 2, 6, 2))
     out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
     model = build_model_with_cfg(
