@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from timm_scheme import fuse_for_inference, scheme_mixers, scheme_patch
 from timm_scheme.convert import init_from_dense, layer_output_errors
 from timm_scheme.data import load_digits_tensors
-from timm_scheme.training import short_schedule
+from timm_scheme.training import random_batches, short_schedule, train_one_epoch
 from timm_scheme.distill import Distiller
 from timm_scheme.patch import find_mlps
 
@@ -88,7 +88,8 @@ def convert(dense: torch.nn.Module, kind: str, expansion: float, calibration: to
     """One conversion of the trained dense model; the dense model is left as it is. CCA is annealed out over
     the second half of the ``anneal_steps`` optimizer steps of the fine-tune."""
     model = copy.deepcopy(dense)
-    options = dict(alpha_init=alpha_init, cca_anneal_steps=anneal_steps, cca_anneal_start=0.5)
+    # the measurement of this example was taken with CCA (started at 1 - alpha_init, annealed over the fine-tune)
+    options = dict(cca=True, alpha_init=alpha_init, cca_anneal_steps=anneal_steps, cca_anneal_start=0.5)
     if kind == "dense":
         return scheme_patch(model, GROUPS, expansion, init="dense", **options)
     if kind == "dense_calibrated":
@@ -104,21 +105,16 @@ def convert(dense: torch.nn.Module, kind: str, expansion: float, calibration: to
 
 def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float, batch_size: int,
           seed: int, distiller: Optional[Distiller] = None) -> None:
-    """timm AdamW, warm-up + cosine, label smoothing 0.1 (a SCHEME model anneals CCA by its own schedule)."""
+    """timm AdamW, warm-up + cosine, label smoothing 0.1, the project's one training loop (a SCHEME model anneals
+    CCA by its own schedule); with a Distiller, its loss is added."""
     optimizer, scheduler = short_schedule(model, lr, steps)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(len(y), (batch_size,), generator=generator)
-        if distiller is None:
-            logits, extra = model(x[idx]), 0.0
-        else:
-            logits, extra = distiller(x[idx])
-        loss = F.cross_entropy(logits, y[idx], label_smoothing=0.1) + extra
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+    if distiller is None:
+        forward, loss_fn = model, lambda logits, target: F.cross_entropy(logits, target, label_smoothing=0.1)
+    else:
+        forward = distiller
+        loss_fn = lambda out, target: F.cross_entropy(out[0], target, label_smoothing=0.1) + out[1]  # noqa: E731
+    train_one_epoch(model, random_batches(x, y, steps, batch_size, seed), optimizer, loss_fn, scheduler=scheduler,
+                    forward=forward)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
-"""Find the channel-mixer MLPs of a timm model and swap them for SCHEME mixers, in place.
-
-Knows timm's module types; nothing about files.
+"""Find the channel-mixer MLPs of a timm model and swap them for SCHEME mixers, in place: which MLPs (not heads,
+token-mixing MLPs or attention internals) and how the new mixers start. timm's MLP classes are read through
+``timm_mlps``; nothing here knows about files.
 """
 from __future__ import annotations
 
@@ -78,9 +78,12 @@ def scheme_patch(
         calibration_data: with ``init="dense"``, images (a tensor, or an iterable of batches or
             ``(images, targets)`` pairs) on which each layer's output error picks the hidden-unit assignment;
             without it the assignment keeps the most weight energy.
-        **options: any other field of :class:`SchemeConfig`, e.g. ``init="dense"``.
+        **options: any other field of :class:`SchemeConfig`, e.g. ``cca=True`` or ``init="dense"``.
 
-    With ``init="dense"`` the report of the conversion is kept on ``model.scheme_init_report``.
+    The new block-diagonal projections are drawn with the mean and spread of the projections they replace
+    (``init="random"``), or converted from them (``init="dense"``, whose report is kept on
+    ``model.scheme_init_report``). CCA is off unless ``cca=True``; then the mixers drive it out by the end of
+    training themselves, by ``SchemeConfig.cca_anneal``.
     """
     config = SchemeConfig.from_options(groups=groups, expansion=expansion, **options)
     if calibration_data is not None and config.init != "dense":
