@@ -17,7 +17,7 @@ SWEEP = {
     "convit_tiny": (dict(img_size=64), 64, 4),
     "convnext_atto": ({}, 64, 4),
     "crossvit_tiny_240": (dict(depth=[[1, 1, 0]] * 3), 240, 4),
-    "csatv2": ({}, 64, 2),  # a 386-wide stage: groups=4 does not divide it
+    "csatv2": ({}, 64, 2),  # a 386-wide stage: groups=4 does not divide it (skip_unfit: test_skip_unfit.py)
     "davit_tiny": ({}, 64, 4),
     "deepseek_vit_412m": (dict(img_size=28, depth=1), 28, 4),
     "deit_tiny_patch16_224": (dict(img_size=32), 32, 4),

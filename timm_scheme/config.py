@@ -26,8 +26,9 @@ class SchemeConfig:
         expansion: hidden units per input channel (the width of ``fc2``'s input over ``in_features``;
             for gated MLPs the gate doubles ``fc1``). ``None`` keeps each layer's original width.
         cca: add the channel covariance attention branch for training (off by default: in timm's own train.py
-            on digits, every CCA variant measured left the deployed model below the block-diagonal MLP trained
-            alone; see the README's drop-in results). With it, ``cca_anneal`` removes it by the end of training.
+            on digits, every CCA variant measured left a ViT's and a Swin's deployed model below the
+            block-diagonal MLP trained alone; see the README's drop-in results). With it, ``cca_anneal`` removes it
+            by the end of training.
         cca_scale_mode: ``"hidden"`` scales the channel covariance by ``hidden ** -0.5`` as the paper
             does; ``"normalized"`` L2-normalises each channel over tokens and divides by
             ``cca_temperature``, which keeps the logits independent of the token count.
@@ -47,6 +48,9 @@ class SchemeConfig:
         fuse_warn_threshold: fusing warns about layers whose CCA weight is above this.
         init: how the block-diagonal weights start: ``"random"``, or ``"dense"`` to convert the pretrained
             dense MLPs (hidden units assigned to groups to keep the most of them; see ``timm_scheme.convert``).
+        skip_unfit: leave dense the layers whose widths ``groups`` (or the expanded hidden width) does not fit,
+            and patch the rest, instead of refusing the whole patch; the skipped layers and why are kept on
+            ``model.scheme_skipped`` and logged.
     """
 
     groups: int = 4
@@ -62,6 +66,7 @@ class SchemeConfig:
     cca_skip_threshold: float = 0.0
     fuse_warn_threshold: float = 0.01
     init: str = "random"
+    skip_unfit: bool = False
 
     def __post_init__(self):
         # resolved here, so config.json records the values in effect

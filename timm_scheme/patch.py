@@ -100,9 +100,21 @@ def scheme_patch(
             "rejected by filter_fn are skipped)")
     # validate everything before changing anything, so a bad option leaves the model as it was
     specs = [read_mlp(name, module) for name, module in targets]
-    plans = [(spec, _hidden_width(spec, config)) for spec in specs]
-    for spec, hidden in plans:
-        _check_widths(spec, hidden, config.groups)
+    plans, skipped = [], {}
+    for spec in specs:
+        hidden = _hidden_width(spec, config)
+        try:
+            _check_widths(spec, hidden, config.groups)
+        except ValueError as error:
+            if not config.skip_unfit:
+                raise ValueError(f"{error}; or skip_unfit=True to leave such layers dense") from None
+            skipped[spec.name] = str(error).replace("scheme_patch: ", "", 1)
+            continue
+        plans.append((spec, hidden))
+    if not plans:
+        raise ValueError(f"scheme_patch: groups={config.groups} fits none of the {len(specs)} MLPs of "
+                         f"{type(model).__name__}: {next(iter(skipped.values()))}")
+    targets = [(name, module) for name, module in targets if name not in skipped]
     replacements = [(spec.name, _build(spec, hidden, config)) for spec, hidden in plans]
     init_report = None
     if config.init == "dense":  # reads the dense MLPs (and may run the model), so before any replacement
@@ -116,6 +128,11 @@ def scheme_patch(
     if without_cca:
         _logger.warning("SCHEME: CCA needs equal in/out widths; these layers run without it: %s", without_cca)
     model.scheme_config = config
+    if config.skip_unfit:
+        model.scheme_skipped = skipped
+    if skipped:
+        _logger.warning("SCHEME: left %d of %d MLPs dense (skip_unfit=True): %s", len(skipped), len(specs),
+                        "; ".join(f"{name}: {why}" for name, why in skipped.items()))
     if init_report is not None:
         model.scheme_init_report = init_report
         _logger.info("SCHEME init='dense': %s", init_report.summary())

@@ -58,6 +58,8 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     "scheme_cca_alpha09": {"groups": 4, "expansion": 8, "cca": True, "alpha_init": 0.9},
     "scheme_cca_floor05": {"groups": 4, "expansion": 8, "cca": True, "cca_lr_floor": 0.5},
     "scheme_cca_early": {"groups": 4, "expansion": 8, "cca": True, "alpha_init": 0.9, "cca_lr_floor": 0.5},
+    # fewer, wider groups: how much of a gap to dense is the group restriction (measured on Swin)
+    "scheme_g2": {"groups": 2, "expansion": 8},
 }
 
 

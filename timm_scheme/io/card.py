@@ -69,7 +69,8 @@ def model_card(
     ]
     lines += [f"| `{k}` | `{v}` |" for k, v in spec.config.to_dict().items()]
     if spec.modules is not None:
-        lines += ["", f"Patched MLPs (a filter left the others dense): {', '.join(f'`{m}`' for m in spec.modules)}"]
+        why = "a filter or `skip_unfit`" if spec.config.skip_unfit else "a filter"
+        lines += ["", f"Patched MLPs ({why} left the others dense): {', '.join(f'`{m}`' for m in spec.modules)}"]
     lines += ["", "## Fuse report", ""] + _fuse_section(model, spec)
     lines += ["", "## Usage", ""] + _usage(spec, repo_id=repo_id, name=name)
     return "\n".join(lines) + "\n"
