@@ -115,21 +115,15 @@ class Checkpoint:
     splits preprocessed as train.py evaluated."""
 
     def __init__(self, path: Path, options: Dict[str, Any], data: Path):
-        import timm
         import torch
         from timm.data import resolve_data_config
 
-        import timm_scheme
-        from timm_scheme.io import read_training_checkpoint
+        from timm_scheme.io.training_checkpoint import rebuild
 
         torch.set_num_threads(1)
-        state, info = read_training_checkpoint(path)
-        args = info["args"]
-        self.model = timm.create_model(args["model"], num_classes=args["num_classes"], **args["model_kwargs"])
-        timm_scheme.scheme_patch(self.model, **options)
-        self.model.load_state_dict(state)
-        self.model.eval()
-        self.config = resolve_data_config(args, model=self.model)
+        rebuilt = rebuild(path, scheme_options=options)
+        self.model = rebuilt.model.eval()
+        self.config = resolve_data_config(rebuilt.info["args"], model=self.model)
         self.data = data
 
     def loader(self, split: str, batch_size: int = 256):
@@ -143,14 +137,9 @@ class Checkpoint:
                              crop_pct=c["crop_pct"], num_workers=0, device=torch.device("cpu"))
 
     def top1(self) -> float:
-        import torch
+        from timm_scheme.training import evaluate
 
-        correct = total = 0
-        with torch.no_grad():
-            for x, y in self.loader("validation"):
-                correct += int((self.model(x).argmax(-1) == y).sum())
-                total += len(y)
-        return 100.0 * correct / total
+        return evaluate(self.model, self.loader("validation"))[1]
 
 
 def trained_function_top1(checkpoint: Path, options: Dict[str, Any], data: Path) -> Dict[str, float]:
