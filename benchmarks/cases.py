@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import math
 import multiprocessing as mp
 import os
@@ -202,6 +203,39 @@ def block_tables(plan: Plan, settings: Settings) -> List[Table]:
                        f"{overhead * 1e3:.2f} ms = {overhead / dense_ms:.3f} of the dense E=4 time")
     train_attainable = attainable_train_table(plan, settings, dense4, scheme, x)
     return [infer, attainable, train, train_attainable]
+
+
+def shuffle_table(plan: Plan, settings: Settings) -> Table:
+    """What the channel shuffle costs: the BD-MLP with and without it, inference and training, and the shuffle
+    done as an explicit copy of the whole hidden tensor between two block-diagonal layers."""
+    b, n, c = plan.batch, TOKENS_TINY, C_TINY
+    torch.manual_seed(0)
+    plain = SchemeMlp(c, 8 * c, groups=4, cca=False)
+    shuffled = SchemeMlp(c, 8 * c, groups=4, cca=False, channel_shuffle=True)
+    shuffled.load_state_dict(plain.state_dict())
+    fc1, fc2 = shuffled.fc1, shuffled.fc2
+
+    def copied(x):  # the hidden tensor materialised, shuffled by a copy, then fc2
+        return fc2(bd.shuffle_channels(F.gelu(fc1(x)), 4))
+
+    x = torch.randn(b, n, c)
+    table = Table(f"Channel shuffle cost: BD-MLP (g=4, E=8), batch {b} x {n} tokens, C=192, fp32",
+                  ["pass", "kernel", "ms", "time / unshuffled"])
+    plain_params, shuffled_params = list(plain.parameters()), list(shuffled.parameters())
+    for label, fns in (
+            ("inference", {"unshuffled (SchemeMlp, eval)": _no_grad(lambda: plain.eval()(x)),
+                           "shuffled (SchemeMlp, eval)": _no_grad(lambda: shuffled.eval()(x)),
+                           "shuffled by copying the hidden tensor": _no_grad(lambda: copied(x))}),
+            ("training", {"unshuffled (SchemeMlp, eval)": _fwd_bwd(plain.train(), x, plain_params),
+                          "shuffled (SchemeMlp, eval)": _fwd_bwd(shuffled.train(), x, shuffled_params),
+                          "shuffled by copying the hidden tensor": _fwd_bwd(copied, x, shuffled_params)})):
+        t = compare(fns, settings)
+        for name in fns:
+            shown = name.replace("eval", "training") if label == "training" else name
+            table.add(label, shown, ms(t[name]), 1.0 / ratio(t, "unshuffled (SchemeMlp, eval)", name))
+    table.notes.append("the shuffled kernels write each group's hidden units to their shuffled places in the "
+                       "token tile (inference) or in the saved hidden tensor (training); no separate pass")
+    return table
 
 
 def attainable_train_table(plan: Plan, settings: Settings, dense4: nn.Module, scheme: SchemeMlp,
@@ -742,3 +776,67 @@ def scaling_tables(plan: Plan, settings: Settings, name: str = "deit_tiny_patch1
         gc.collect()
     model.notes.append("inference target at 224 px, batch 32: >= 1.3x; training target: <= 1.0x")
     return [mixer, model]
+
+
+# --- 7. int8 quantization ---------------------------------------------------------------------------------
+
+def _int8_pair(name: str, mechanism: str) -> Tuple[nn.Module, nn.Module]:
+    """(dense, fused SCHEME) DeiT-Tiny quantized alike: "torchao" (Int8DynamicActivationInt8WeightConfig on the
+    nn.Linear layers, ours on the block-diagonal ones) or "torch.ao" (quantize_dynamic: fbgemm's dynamic Linear,
+    ours on the block-diagonal ones)."""
+    from timm_scheme.quantize import quantize_dynamic_int8, quantize_int8
+    torch.manual_seed(0)
+    dense = dense_model(name).eval()
+    scheme = fused(scheme_model(name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        if mechanism == "torchao":
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+            quantize_(dense, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+            return dense, quantize_int8(scheme)
+        from torch.ao.quantization import quantize_dynamic
+        return quantize_dynamic(dense, {nn.Linear}, dtype=torch.qint8), quantize_dynamic_int8(scheme)
+
+
+def quantized_table(plan: Plan, settings: Settings, name: str = "deit_tiny_patch16_224") -> Table:
+    """Whole-model inference in fp32 and int8 (dynamic activation quantization), dense against fused SCHEME."""
+    b = plan.batch
+    table = Table(f"Whole model, int8 inference, batch {b}, 224 px: {MODEL_LABELS[name]} dense (E=4) vs fused "
+                  "SCHEME (g=4, E=8), each quantized alike", ["precision", "dense ms", "SCHEME ms",
+                                                               "dense / SCHEME (throughput ratio)",
+                                                               "dense: speedup over fp32", "SCHEME: speedup over fp32"])
+    torch.manual_seed(0)
+    x = torch.randn(b, 3, 224, 224)
+    models = {"fp32": (dense_model(name).eval(), fused(scheme_model(name)))}
+    if importlib.util.find_spec("torchao") is not None:  # a dev extra
+        models["int8, torchao"] = _int8_pair(name, "torchao")
+    models["int8, torch.ao"] = _int8_pair(name, "torch.ao")
+    fns = {}
+    for label, (dense, scheme) in models.items():
+        fns[f"dense {label}"] = _no_grad(lambda m=dense: m(x))
+        fns[f"scheme {label}"] = _no_grad(lambda m=scheme: m(x))
+    # our int8 layers alone: SCHEME's block-diagonal layers int8, every nn.Linear fp32, against fp32 dense
+    from timm_scheme.quantize import quantize_dynamic_int8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bd_only = quantize_dynamic_int8(fused(scheme_model(name)), linear=False, inplace=True)
+    fns["scheme bd-only"] = _no_grad(lambda: bd_only(x))
+    t = compare(fns, settings)
+    for label in models:
+        d, s = f"dense {label}", f"scheme {label}"
+        table.add(label, ms(t[d]), ms(t[s]), ratio(t, d, s), ratio(t, "dense fp32", d), ratio(t, "scheme fp32", s))
+    table.add("SCHEME: block-diagonal layers int8, nn.Linear fp32 (dense: fp32)", ms(t["dense fp32"]),
+              ms(t["scheme bd-only"]), ratio(t, "dense fp32", "scheme bd-only"), 1.0,
+              ratio(t, "scheme fp32", "scheme bd-only"))
+    table.notes.append("target: dense / SCHEME >= 1.3x in int8 (the float ratio is on the fp32 row)")
+    table.notes.append("int8, torchao: torchao's Int8DynamicActivationInt8WeightConfig on every nn.Linear of both "
+                       "models (int8 weights per channel, activations per token), timm_scheme.quantize.quantize_int8 "
+                       "adding the block-diagonal layers (int8 weights per group and channel, activations per "
+                       "token and group, torch._int_mm per group)")
+    table.notes.append("int8, torch.ao: torch.ao.quantization.quantize_dynamic on every nn.Linear of both models "
+                       "(fbgemm/onednn, per-tensor activation scales), quantize_dynamic_int8 adding the "
+                       "block-diagonal layers as above")
+    table.notes.append("last row: the int8 block-diagonal layers alone (timm_scheme's kernel), every nn.Linear "
+                       "fp32, against the fp32 dense model")
+    table.notes.append("patch embedding, attention matmuls, norms and GELU stay fp32 in every row")
+    return table

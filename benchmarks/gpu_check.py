@@ -93,6 +93,10 @@ def correctness(report: Report, device: str, tokens: int, width: int) -> None:
                 mixer.mix_logits.copy_(torch.tensor([0.3, -0.4]))
             x = torch.randn(2, width, 8, 8) if use_conv else torch.randn(2, tokens, width)
             cases[f"SchemeMlp gated={gated} conv={use_conv}"] = (mixer, x)
+    shuffled = SchemeMlp(width, 4 * width, groups=groups, gated=True, act_layer=torch.nn.GELU, channel_shuffle=True)
+    cases["SchemeMlp gated=True channel_shuffle"] = (shuffled, torch.randn(2, tokens, width))
+    shuffled_conv = SchemeMlp(width, 4 * width, groups=groups, use_conv=True, channel_shuffle=True)
+    cases["SchemeMlp conv=True channel_shuffle"] = (shuffled_conv, torch.randn(2, width, 8, 8))
     for name, (module, x) in cases.items():
         modes = ("train", "eval", "fused") if isinstance(module, SchemeMlp) else ("train",)
         for mode in modes:
@@ -156,24 +160,27 @@ def block_speed(report: Report, settings: Settings, device: str, batch: int, dty
     c, tokens, groups = 192, 197, 4
     table = Table(f"BD-MLP (g={groups}, E=8, fused) vs timm's dense E=4 Mlp, inference, DeiT-Tiny width, "
                   f"batch {batch} x {tokens} tokens", ["precision", "form", "dense ms", "BD-MLP ms", "speedup",
-                                                      "batched / per-group kernel"])
+                                                      "batched / per-group kernel", "channel shuffle cost"])
     torch.manual_seed(0)
     dense = Mlp(c, 4 * c).to(device).eval()
     scheme = SchemeMlp(c, 8 * c, groups=groups, cca=False).to(device).eval()
+    shuffled = SchemeMlp(c, 8 * c, groups=groups, cca=False, channel_shuffle=True).to(device).eval()
     x = torch.randn(batch, tokens, c, device=device)
     w1, b1, w2, b2 = scheme.fc1.weight, scheme.fc1.bias, scheme.fc2.weight, scheme.fc2.bias
     for dtype in dtypes:
-        forms = [("eager", dense, scheme)] + ([("compiled", torch.compile(dense), torch.compile(scheme))]
-                                              if compiled else [])
-        for form, d, s in forms:
+        forms = [("eager", dense, scheme, shuffled)] + (
+            [("compiled", torch.compile(dense), torch.compile(scheme), torch.compile(shuffled))] if compiled else [])
+        for form, d, s, sh in forms:
             fns = {"dense": _inference(d, x, dtype, device), "scheme": _inference(s, x, dtype, device),
+                   "shuffled": _inference(sh, x, dtype, device),
                    "batched": _inference(lambda t: mlp_batched(t, w1, b1, w2, b2, F.gelu), x, dtype, device),
                    "per_group": _inference(lambda t: mlp_per_group(t, w1, b1, w2, b2, F.gelu), x, dtype, device)}
             t = compare(fns, settings)
             table.add(str(dtype)[6:], form, ms(t["dense"]), ms(t["scheme"]), ratio(t, "dense", "scheme"),
-                      ratio(t, "per_group", "batched"))
+                      ratio(t, "per_group", "batched"), ratio(t, "shuffled", "scheme"))
     table.notes.append("speedup = median over interleaved rounds of t(dense) / t(BD-MLP); the last column compares "
-                       "the two accelerator forms the dispatch could pick (> 1: batched GEMMs are faster)")
+                       "the two accelerator forms the dispatch could pick (> 1: batched GEMMs are faster); channel "
+                       "shuffle cost = t(shuffled BD-MLP) / t(BD-MLP)")
     report.tables.append(table)
 
 

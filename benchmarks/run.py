@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or process CPU time (steadier on a shared, busy machine)")
     parser.add_argument("--only", nargs="*", default=None,
-                        choices=("kernels", "block", "models", "train", "compile", "scaling"),
+                        choices=("kernels", "block", "shuffle", "models", "train", "compile", "scaling",
+                                 "quantized"),
                         help="run only these sections")
     parser.add_argument("--out", default=None,
                         help="write <out>.md and <out>.json (default for the full run: benchmarks/results/"
@@ -54,10 +55,12 @@ def main(argv=None) -> int:
     sections = {
         "kernels": lambda: [cases.kernel_table(plan, settings)],
         "block": lambda: cases.block_tables(plan, settings),
+        "shuffle": lambda: [cases.shuffle_table(plan, settings)],
         "models": lambda: [cases.model_table(plan, settings)],
         "train": lambda: [cases.train_table(plan, settings)],
         "compile": lambda: [cases.compile_amp_table(plan, settings)] if plan.compile else [],
         "scaling": lambda: cases.scaling_tables(plan, settings) if plan.scaling else [],
+        "quantized": lambda: [cases.quantized_table(plan, settings)],
     }
     chosen = args.only or list(sections)
 

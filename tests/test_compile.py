@@ -85,3 +85,14 @@ def test_inductor_compiles_training_and_fused_mixer(use_conv):
         torch.testing.assert_close(compiled(x), mlp(x), rtol=1e-4, atol=1e-4)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(compiled(x).float(), mlp(x).float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("use_conv", [False, True])
+def test_channel_shuffle_compiles_without_graph_breaks_and_matches_eager(use_conv):
+    torch.manual_seed(0)
+    mlp = SchemeMlp(16, 64, groups=4, use_conv=use_conv, channel_shuffle=True).train()
+    x = example(use_conv)
+    explanation = dynamo.explain(mlp)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(mlp, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), mlp(x))

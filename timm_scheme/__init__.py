@@ -16,6 +16,7 @@ from . import models  # registers the SCHEMEformer family in timm's model regist
 from .io import export_onnx, export_torchscript, from_pretrained, push_to_hub, save_pretrained  # also registers the checkpoint architecture
 
 __version__ = "0.1.0"
+# optional integrations, imported on demand: timm_scheme.lora (PEFT), timm_scheme.quantize (int8: torch.ao, torchao)
 
 __all__ = [
     "SchemeConfig", "CcaSchedule", "scheme_patch", "find_mlps", "is_patched", "is_fused", "fuse_for_inference",

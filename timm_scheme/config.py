@@ -51,6 +51,9 @@ class SchemeConfig:
         skip_unfit: leave dense the layers whose widths ``groups`` (or the expanded hidden width) does not fit,
             and patch the rest, instead of refusing the whole patch; the skipped layers and why are kept on
             ``model.scheme_skipped`` and logged.
+        channel_shuffle: fc2's group j reads chunk j of every fc1 group's hidden units (a ShuffleNet-style
+            block transpose between the projections, the structure of Monarch matrices), so each mixer mixes
+            across groups at no extra FLOPs or parameters. Needs hidden widths divisible by ``groups ** 2``.
     """
 
     groups: int = 4
@@ -67,6 +70,7 @@ class SchemeConfig:
     fuse_warn_threshold: float = 0.01
     init: str = "random"
     skip_unfit: bool = False
+    channel_shuffle: bool = False
 
     def __post_init__(self):
         # resolved here, so config.json records the values in effect

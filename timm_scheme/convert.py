@@ -4,6 +4,8 @@ A dense MLP's hidden units may be permuted freely (rows of fc1 with the matching
 unit is assigned to one group, balanced across groups, so that the most of the pretrained function falls
 inside the diagonal blocks; the kept blocks are copied. Units beyond the original width start silent
 (their fc2 columns zero); with fewer units the least useful ones are dropped by the same assignment.
+With the channel shuffle a unit's place is a route, (fc1 group i, fc2 group j): it reads input group i and
+writes output group j, so units whose weights cross groups keep more of them.
 
 Knows dense timm MLPs and SchemeMlp; nothing about files.
 """
@@ -51,11 +53,42 @@ class DenseMlpWeights:
         return torch.stack([self.fc1_first, self.fc1_second], dim=1)
 
 
+@dataclass(frozen=True)
+class Routes:
+    """Where a hidden unit can live in a mixer: route r is (fc1 group, fc2 group). Without the channel shuffle
+    route k is (k, k) and holds a group's ``per_group`` units; with it route r = i * groups + j is (i, j) and
+    holds ``per_group / groups`` units: fc1 group i's chunk j, which fc2 group j reads as its chunk i."""
+    groups: int
+    per_group: int
+    shuffle: bool
+
+    @classmethod
+    def of(cls, mixer: SchemeMlp) -> "Routes":
+        return cls(mixer.groups, mixer.hidden_features // mixer.groups, mixer.channel_shuffle)
+
+    @property
+    def pairs(self) -> List[Tuple[int, int]]:
+        g = self.groups
+        return [(i, j) for i in range(g) for j in range(g)] if self.shuffle else [(k, k) for k in range(g)]
+
+    @property
+    def capacity(self) -> int:
+        return self.per_group // self.groups if self.shuffle else self.per_group
+
+    def fc1_slot(self, route: int) -> int:
+        """fc1 row (within its group) of the route's first unit; the route's units follow."""
+        return (route % self.groups) * self.capacity if self.shuffle else 0
+
+    def fc2_slot(self, route: int) -> int:
+        """fc2 column (within its group) of the route's first unit."""
+        return (route // self.groups) * self.capacity if self.shuffle else 0
+
+
 @dataclass
 class LayerInit:
-    """How one layer was started: which original hidden unit fills each slot of each group (-1 = a new,
-    silent unit) and the share of the pretrained weight energy the blocks keep, against the naive
-    "diagonal blocks in the original order" conversion."""
+    """How one layer was started: which original hidden unit fills each slot of each route (see ``Routes``;
+    without the channel shuffle, of each group; -1 = a new, silent unit) and the share of the pretrained weight
+    energy the blocks keep, against the naive "diagonal blocks in the original order" conversion."""
     units: List[List[int]]
     retained_energy: float
     diagonal_energy: float
@@ -105,21 +138,25 @@ def _matrix(weight: torch.Tensor) -> torch.Tensor:
 
 # --- which unit goes where -----------------------------------------------------------------------------
 
-def energy_scores(weights: DenseMlpWeights, groups: int) -> torch.Tensor:
-    """(hidden, groups): share of fc1's and of fc2's squared weights that unit h keeps inside group k's
-    block, averaged over the two projections (so the total over a full assignment lies in [0, 1])."""
+def energy_scores(weights: DenseMlpWeights, groups: int, shuffle: bool = False) -> torch.Tensor:
+    """(hidden, routes): share of fc1's squared weights that unit h keeps inside the route's input group and
+    of fc2's inside its output group, averaged over the two projections (so the total over a full assignment
+    lies in [0, 1]). Routes as in ``Routes``: groups of them, or groups ** 2 with ``shuffle``."""
     rows = weights.fc1_rows().float()
     w2 = weights.fc2.float()
     hidden, c_in, c_out = w2.shape[1], rows.shape[-1], w2.shape[0]
     fc1_in_group = rows.pow(2).reshape(hidden, -1, groups, c_in // groups).sum(dim=(1, 3))
     fc2_in_group = w2.pow(2).reshape(groups, c_out // groups, hidden).sum(dim=1).t()
-    return 0.5 * (fc1_in_group / rows.pow(2).sum().clamp_min(1e-30)
-                  + fc2_in_group / w2.pow(2).sum().clamp_min(1e-30))
+    fc1_share = fc1_in_group / rows.pow(2).sum().clamp_min(1e-30)
+    fc2_share = fc2_in_group / w2.pow(2).sum().clamp_min(1e-30)
+    if shuffle:  # route i * groups + j: input group i, output group j
+        return 0.5 * (fc1_share[:, :, None] + fc2_share[:, None, :]).flatten(1)
+    return 0.5 * (fc1_share + fc2_share)
 
 
 def assign_units(scores: torch.Tensor, slots: List[int]) -> List[List[int]]:
-    """The assignment of hidden units (rows of ``scores``) to groups that maximises the total score, with
-    exactly ``slots[k]`` units in group k; with fewer slots than units, the lowest-scoring units are left out.
+    """The assignment of hidden units (rows of ``scores``) to groups (or routes) that maximises the total score,
+    with exactly ``slots[k]`` units in group k; with fewer slots than units, the lowest-scoring units are left out.
     Exact (a balanced assignment problem solved as a rectangular linear assignment)."""
     hidden, groups = scores.shape
     if len(slots) != groups or sum(slots) > hidden:
@@ -201,14 +238,19 @@ class OutputErrorStats:
             return first * act(second.to(w.fc1_first.dtype)).float()
         return act(first.to(w.fc1_first.dtype)).float() * second
 
-    def scores(self) -> torch.Tensor:
-        """(hidden, groups): minus the mean squared output error of unit h kept in group k's block only."""
+    def scores(self, shuffle: bool = False) -> torch.Tensor:
+        """(hidden, routes): minus the mean squared output error of unit h kept on one route only (reading
+        input group i, writing output group j; i = j without ``shuffle``, see ``Routes``)."""
         if not self.tokens:
             raise ValueError("calibration_data reached no token of this layer")
         w2 = self.weights.fc2.double().cpu().pow(2)
         full_norm = w2.sum(0)                                           # ||fc2[:, h]||^2
-        block_norm = w2.reshape(self.groups, -1, w2.shape[1]).sum(1).t()  # ||fc2[O_k, h]||^2
-        error = (full_norm * self.full_sq)[:, None] - block_norm * (2 * self.cross - self.block_sq)
+        block_norm = w2.reshape(self.groups, -1, w2.shape[1]).sum(1).t()  # ||fc2[O_j, h]||^2
+        kept = 2 * self.cross - self.block_sq                           # per input group i
+        if shuffle:
+            error = (full_norm * self.full_sq)[:, None, None] - kept[:, :, None] * block_norm[:, None, :]
+            return -(error.flatten(1) / self.tokens).float()
+        error = (full_norm * self.full_sq)[:, None] - block_norm * kept
         return -(error / self.tokens).float()
 
 
@@ -305,13 +347,19 @@ def _tokens(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
 class Fc2Refit:
     """Ridge regression, group by group, of the dense layer's output channels on the new mixer's hidden
     activations of the kept units (plus a constant for fc2's bias): the fc2 blocks that best reproduce the
-    dense layer on calibration tokens. New units stay silent."""
+    dense layer on calibration tokens. New units stay silent. ``units`` per route (``LayerInit.units``);
+    ``None`` refits every unit."""
 
-    def __init__(self, new: SchemeMlp, units: List[List[int]]):
+    def __init__(self, new: SchemeMlp, units: Optional[List[List[int]]] = None):
         self.new = new
-        per_group = new.hidden_features // new.groups
-        kept_counts = [sum(u >= 0 for u in kept) for kept in units]
-        self.slots = [list(range(k * per_group, k * per_group + n)) for k, n in enumerate(kept_counts)]
+        routes = Routes.of(new)
+        if units is None:
+            units = [list(range(routes.capacity))] * len(routes.pairs)
+        self.columns: List[List[int]] = [[] for _ in range(new.groups)]  # kept columns of each fc2 group
+        for route, kept in enumerate(units):
+            start = routes.fc2_slot(route)
+            self.columns[routes.pairs[route][1]] += range(start, start + sum(u >= 0 for u in kept))
+        self.slots = [[k * routes.per_group + c for c in cols] for k, cols in enumerate(self.columns)]
         self.with_bias = new.fc2.bias is not None
         out_size = new.fc2.out_features // new.groups
         sizes = [len(s) + self.with_bias for s in self.slots]
@@ -338,31 +386,32 @@ class Fc2Refit:
     def solve(self) -> None:
         fc2 = self.new.fc2
         out_size = fc2.out_features // self.new.groups
-        for k, slots in enumerate(self.slots):
+        for k, columns in enumerate(self.columns):
             gram = self.gram[k]
             ridge = 1e-3 * gram.diagonal().mean().clamp_min(1e-12)  # keeps rarely active units' weights bounded
             solution = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), self.cross[k])
-            fc2.weight[k, :, :len(slots)] = solution[:len(slots)].t().to(fc2.weight)
+            fc2.weight[k, :, columns] = solution[:len(columns)].t().to(fc2.weight)
             if self.with_bias:
                 fc2.bias[k * out_size:(k + 1) * out_size] = solution[-1].to(fc2.bias)
 
 
 def mixer_hidden(mixer: SchemeMlp, x: torch.Tensor) -> torch.Tensor:
-    """A SchemeMlp's hidden activations (fc2's input) for (tokens, in_features): ``SchemeMlp.hidden`` on
-    tokens, as 1x1 maps for an NCHW mixer."""
+    """A SchemeMlp's hidden activations as fc2 reads them, for (tokens, in_features): ``SchemeMlp.fc2_input``
+    on tokens, as 1x1 maps for an NCHW mixer."""
     if mixer.use_conv:
-        return mixer.hidden(x[:, :, None, None]).flatten(1)
-    return mixer.hidden(x)
+        return mixer.fc2_input(x[:, :, None, None]).flatten(1)
+    return mixer.fc2_input(x)
 
 
 # --- copying the kept blocks ---------------------------------------------------------------------------
 
 @torch.no_grad()
 def load_dense_blocks(new: SchemeMlp, old: nn.Module, weights: DenseMlpWeights, units: List[List[int]]) -> None:
-    """Fill ``new`` with the blocks of the dense weights that ``units`` keeps; other slots stay as built
-    (random fc1 rows) and are silenced by zeroing their fc2 columns."""
+    """Fill ``new`` with the blocks of the dense weights that ``units`` (per route) keeps; other slots stay as
+    built (random fc1 rows) and are silenced by zeroing their fc2 columns."""
+    routes = Routes.of(new)
     groups, c_in, c_out = new.groups, new.fc1.in_features, new.fc2.out_features
-    per_group = new.hidden_features // groups
+    per_group = routes.per_group
     in_size, out_size = c_in // groups, c_out // groups
     fc1 = new.fc1.weight.view(groups, -1, per_group, in_size)  # (g, 1 or 2 halves, units, in/g)
     fc1_bias = None if new.fc1.bias is None else new.fc1.bias.view(groups, -1, per_group)
@@ -371,17 +420,20 @@ def load_dense_blocks(new: SchemeMlp, old: nn.Module, weights: DenseMlpWeights, 
     if weights.fc1_second is not None:
         halves.append((weights.fc1_second, weights.bias1_second))
     fc2.zero_()
-    for k, kept in enumerate(units):
+    for route, kept in enumerate(units):
+        i, j = routes.pairs[route]
         index = torch.tensor(kept, dtype=torch.long, device=weights.fc2.device)
-        n, cols, outs = len(kept), slice(k * in_size, (k + 1) * in_size), slice(k * out_size, (k + 1) * out_size)
+        n, cols, outs = len(kept), slice(i * in_size, (i + 1) * in_size), slice(j * out_size, (j + 1) * out_size)
+        rows, columns = slice(routes.fc1_slot(route), routes.fc1_slot(route) + n), \
+            slice(routes.fc2_slot(route), routes.fc2_slot(route) + n)
         for half, (w1, b1) in enumerate(halves):
-            fc1[k, half, :n] = w1[index][:, cols].to(fc1.dtype)
+            fc1[i, half, rows] = w1[index][:, cols].to(fc1.dtype)
             if fc1_bias is not None:
-                fc1_bias[k, half, :n] = b1[index].to(fc1_bias.dtype) if b1 is not None else 0
-        fc2[k, :, :n] = weights.fc2[outs][:, index].to(fc2.dtype)
+                fc1_bias[i, half, rows] = b1[index].to(fc1_bias.dtype) if b1 is not None else 0
+        fc2[j, :, columns] = weights.fc2[outs][:, index].to(fc2.dtype)
     if new.fc2.bias is not None and weights.bias2 is not None:
         new.fc2.bias.copy_(weights.bias2)
-    _load_hidden_norm(new, old, units, per_group)
+    _load_hidden_norm(new, old, units, routes)
 
 
 @torch.no_grad()
@@ -394,11 +446,13 @@ def undo_alpha(new: SchemeMlp) -> None:
                 t.copy_((t.float() / alpha).to(t.dtype))
 
 
-def _load_hidden_norm(new: SchemeMlp, old: nn.Module, units: List[List[int]], per_group: int) -> None:
-    """Per-unit parameters and statistics of a hidden norm follow their units; new units keep fresh ones."""
+def _load_hidden_norm(new: SchemeMlp, old: nn.Module, units: List[List[int]], routes: Routes) -> None:
+    """Per-unit parameters and statistics of a hidden norm (before the shuffle) follow their units; new units
+    keep fresh ones."""
     if isinstance(old.norm, nn.Identity):
         return
-    slots = [k * per_group + i for k, kept in enumerate(units) for i in range(len(kept))]
+    slots = [routes.pairs[r][0] * routes.per_group + routes.fc1_slot(r) + t
+             for r, kept in enumerate(units) for t in range(len(kept))]
     sources = [u for kept in units for u in kept]
     for attr in ("weight", "bias", "running_mean", "running_var"):
         src, dst = getattr(old.norm, attr, None), getattr(new.norm, attr, None)
@@ -442,17 +496,17 @@ def init_from_dense(model: nn.Module, layers: List[Tuple[str, nn.Module, SchemeM
     report, approximate = InitReport(), []
     for name, old, new in layers:
         w = weights[name]
-        energy = energy_scores(w, groups)
-        slots = original_unit_slots(w.hidden_features, new.hidden_features, groups)
+        routes = Routes.of(new)
+        energy = energy_scores(w, groups, routes.shuffle)
+        slots = original_unit_slots(w.hidden_features, new.hidden_features, len(routes.pairs))
         diagonal = diagonal_units(w.hidden_features, slots)
         units = diagonal if assignment == "diagonal" else assign_units(
-            energy if stats is None else stats[name].scores(), slots)
+            energy if stats is None else stats[name].scores(routes.shuffle), slots)
         load_dense_blocks(new, old, w, units)
         if not hidden_norm_is_exact(old, new.hidden_features, w.hidden_features):
             approximate.append(name)
-        per_group = new.hidden_features // groups
         report.layers[name] = LayerInit(
-            units=[kept + [-1] * (per_group - len(kept)) for kept in units],
+            units=[kept + [-1] * (routes.capacity - len(kept)) for kept in units],
             retained_energy=total_score(energy, units), diagonal_energy=total_score(energy, diagonal),
             objective=assignment if assignment == "diagonal" else "energy" if stats is None else "output_error")
     if batches is not None:
@@ -500,7 +554,7 @@ def layer_output_errors(dense: nn.Module, patched: nn.Module, images: torch.Tens
 
 
 __all__ = [
-    "DenseMlpWeights", "Fc2Refit", "InitReport", "LayerInit", "OutputErrorStats", "assign_units",
+    "DenseMlpWeights", "Fc2Refit", "InitReport", "LayerInit", "OutputErrorStats", "Routes", "assign_units",
     "calibration_batches", "dense_weights", "diagonal_units", "energy_scores", "init_from_dense",
     "layer_output_errors", "load_dense_blocks", "mixer_hidden", "original_unit_slots", "relative_output_error",
     "run_dense_layers", "total_score", "undo_alpha",

@@ -173,8 +173,7 @@ def _fuse_calibrated(model: nn.Module, to_fuse: Dict[str, SchemeMlp], batches: L
             if not Fc2Refit.supports(mixer):
                 _logger.warning("fuse_for_inference: %s has a hidden norm that pools over space; fused as is", name)
                 continue
-            per_group = mixer.hidden_features // mixer.groups
-            solver = Fc2Refit(mixer, [list(range(per_group))] * mixer.groups)
+            solver = Fc2Refit(mixer)
             for batch in batches:
                 x, _ = layer_io_tokens(model, name, batch)
                 _, y = layer_io_tokens(trained, name, batch)

@@ -104,7 +104,7 @@ def scheme_patch(
     for spec in specs:
         hidden = _hidden_width(spec, config)
         try:
-            _check_widths(spec, hidden, config.groups)
+            _check_widths(spec, hidden, config.groups, config.channel_shuffle)
         except ValueError as error:
             if not config.skip_unfit:
                 raise ValueError(f"{error}; or skip_unfit=True to leave such layers dense") from None
@@ -189,7 +189,7 @@ def _hidden_width(spec: MlpLayout, config: SchemeConfig) -> int:
     return int(round(config.expansion * spec.in_features))
 
 
-def _check_widths(spec: MlpLayout, hidden: int, groups: int) -> None:
+def _check_widths(spec: MlpLayout, hidden: int, groups: int, shuffle: bool = False) -> None:
     where = f"layer '{spec.name}' (in_features={spec.in_features}, out_features={spec.out_features})"
     bad = [(n, w) for n, w in (("in_features", spec.in_features), ("out_features", spec.out_features)) if w % groups]
     if bad:
@@ -203,6 +203,11 @@ def _check_widths(spec: MlpLayout, hidden: int, groups: int) -> None:
             f"scheme_patch: the hidden width {hidden} of {where} (from its expansion) is not a positive multiple "
             f"of groups={groups}; choose an expansion giving a multiple of {groups} hidden units "
             f"(e.g. {ok[:4]}) or expansion=None to keep {spec.hidden_features}")
+    if shuffle and hidden % (groups * groups):
+        ok = [e for e in (2, 3, 4, 6, 8, 12, 16) if int(round(e * spec.in_features)) % (groups * groups) == 0]
+        raise ValueError(
+            f"scheme_patch: channel_shuffle needs the hidden width {hidden} of {where} to be a multiple of "
+            f"groups**2={groups * groups}; choose an expansion giving one (e.g. {ok[:4]}) or fewer groups")
 
 
 def _divisors_of_all(*widths: int) -> List[int]:
@@ -226,6 +231,7 @@ def _build(spec: MlpLayout, hidden: int, config: SchemeConfig) -> SchemeMlp:
         cca_normalize=config.cca_scale_mode == "normalized",
         alpha_init=config.alpha_init,
         cca_schedule=config.schedule(),
+        channel_shuffle=config.channel_shuffle,
         device=spec.device,
         dtype=spec.dtype,
     )

@@ -60,6 +60,8 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     "scheme_cca_early": {"groups": 4, "expansion": 8, "cca": True, "alpha_init": 0.9, "cca_lr_floor": 0.5},
     # fewer, wider groups: how much of a gap to dense is the group restriction (measured on Swin)
     "scheme_g2": {"groups": 2, "expansion": 8},
+    # fc2's groups read every fc1 group (channel shuffle): mixing across groups at no extra cost
+    "scheme_shuffle": {"groups": 4, "expansion": 8, "channel_shuffle": True},
 }
 
 

@@ -120,6 +120,12 @@ def spec_of(model: nn.Module, base_architecture: Optional[str] = None) -> Checkp
         raise ValueError(f"base_architecture={base!r} is not a model registered with timm (see timm.list_models())")
 
     mixers = scheme_mixers(model)
+    wrapped = [name for name, m in mixers.items() if not m.plain_projections()]
+    if wrapped:
+        raise ValueError(
+            f"{wrapped[0]}{f' and {len(wrapped) - 1} more' if len(wrapped) > 1 else ''}: fc1/fc2 are wrapped "
+            f"({type(mixers[wrapped[0]].fc2).__name__}), e.g. by LoRA adapters; merge them into the weights first "
+            "(peft_model.merge_and_unload()), or save the adapters with PEFT's own save_pretrained")
     with_cca = [name for name, m in mixers.items() if m.has_cca]
     fused = not with_cca
     if not fused:

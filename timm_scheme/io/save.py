@@ -97,6 +97,9 @@ def _write_config(model: nn.Module, path: Path, spec: CheckpointSpec, *, model_a
         data_config=data_config,
     )
     config = json.loads(path.read_text(encoding="utf-8"))
+    # the class count lives at the top level, where timm's loaders read it; transformers' TimmWrapper passes it as
+    # its own keyword next to model_args, so a second copy there makes its from_pretrained fail
+    config["model_args"].pop("num_classes", None)
     pretrained_cfg = config["pretrained_cfg"]
     for key in _BASE_PROVENANCE:
         pretrained_cfg.pop(key, None)

@@ -42,6 +42,16 @@ def conv1x1_grouped(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return F.conv2d(x, weight.reshape(groups * out_g, in_g, 1, 1), bias, groups=groups)
 
 
+def shuffle_channels(x: torch.Tensor, groups: int, dim: int = -1) -> torch.Tensor:
+    """The channel shuffle between fc1 and fc2: with ``dim`` holding ``groups`` blocks of ``groups`` chunks each
+    (block i = fc1 group i's units), output block j is chunk j of every block in block order, so fc2's group j
+    reads units of every fc1 group. A block transpose, so its own inverse. Standard ops (a view, a transpose, a
+    copy): traces and exports."""
+    x = x.unflatten(dim, (groups, groups, -1))  # no shape read: FX and TorchScript record it as it is
+    first = dim - 2 if dim < 0 else dim
+    return x.transpose(first, first + 1).flatten(first, first + 2)
+
+
 # --- channels-last block-diagonal linear ------------------------------------------------------------------
 
 def _sizes(weight: torch.Tensor) -> Tuple[int, int, int]:
@@ -120,24 +130,40 @@ def _mm_bias(x: torch.Tensor, w_t: torch.Tensor, bias: Optional[torch.Tensor], o
     return torch.addmm(bias, x, w_t, out=out) if out is not None else torch.addmm(bias, x, w_t)
 
 
-def mlp_tiles_forward(x2d, w1, b1, w2, b2, hidden_fn: HiddenFn) -> torch.Tensor:
+def _shuffled_slots(hidden: torch.Tensor, groups: int) -> torch.Tensor:
+    """(tokens, groups * hidden_g) shuffled-hidden buffer -> (tokens, groups_j, groups_i, chunk) view: fc1 group
+    i's units go to [:, :, i, :], and fc2 group j reads the contiguous columns [:, j]."""
+    return hidden.view(hidden.shape[0], groups, groups, -1)
+
+
+def mlp_tiles_forward(x2d, w1, b1, w2, b2, hidden_fn: HiddenFn, shuffle: bool = False) -> torch.Tensor:
     """fc2(hidden_fn(fc1(x))) for (tokens, channels) input, tile by tile and group by group, no autograd;
-    ``hidden_fn`` may overwrite the scratch tile it is given."""
+    ``hidden_fn`` may overwrite the scratch tile it is given. With ``shuffle`` each group's hidden units are
+    written to their shuffled places in a cache-resident tile of all groups, from which each fc2 group reads
+    its columns: the shuffle costs that one copy of the tile, no pass over the whole hidden tensor."""
     groups, fc1_g, in_g = w1.shape
-    out_g = w2.shape[1]
+    out_g, hid_g = w2.shape[1], w2.shape[2]
     tokens = x2d.shape[0]
     out = x2d.new_empty(tokens, groups * out_g)
-    tile = _tile_tokens(fc1_g, x2d.element_size())
+    tile = _tile_tokens(fc1_g + (groups * hid_g if shuffle else 0), x2d.element_size())
     w1_t, w2_t = w1.transpose(1, 2), w2.transpose(1, 2)
     b1_g = b1.view(groups, fc1_g) if b1 is not None else None
     buf = x2d.new_empty(min(tile, tokens), fc1_g)
+    shuffled = x2d.new_empty(min(tile, tokens), groups * hid_g) if shuffle else None
     for start in range(0, tokens, tile):
         x_t = x2d[start:start + tile]
-        pre = buf[:x_t.shape[0]]
+        rows = x_t.shape[0]
+        pre = buf[:rows]
         out_t = out[start:start + tile]
         for i in range(groups):
             _mm_bias(x_t[:, i * in_g:(i + 1) * in_g], w1_t[i], b1_g[i] if b1_g is not None else None, out=pre)
-            torch.mm(hidden_fn(pre), w2_t[i], out=out_t[:, i * out_g:(i + 1) * out_g])
+            if shuffle:
+                _shuffled_slots(shuffled[:rows], groups)[:, :, i].copy_(hidden_fn(pre).view(rows, groups, -1))
+            else:
+                torch.mm(hidden_fn(pre), w2_t[i], out=out_t[:, i * out_g:(i + 1) * out_g])
+        if shuffle:
+            for j in range(groups):
+                torch.mm(shuffled[:rows, j * hid_g:(j + 1) * hid_g], w2_t[j], out=out_t[:, j * out_g:(j + 1) * out_g])
         if b2 is not None:  # once per tile, while it is in cache (cheaper than per strided group slice)
             out_t.add_(b2)
     return out
@@ -215,12 +241,15 @@ class PerGroupBlockDiagonalMlp(torch.autograd.Function):
     and differentiated by autograd."""
 
     @staticmethod
-    def forward(ctx, x2d, w1, b1, w2, b2, hidden_fn, gelu, *act_params):
+    def forward(ctx, x2d, w1, b1, w2, b2, hidden_fn, gelu, shuffle, *act_params):
         groups, fc1_g, in_g = w1.shape
-        out_g = w2.shape[1]
-        out = x2d.new_empty(x2d.shape[0], groups * out_g)
+        out_g, hid_g = w2.shape[1], w2.shape[2]
+        tokens = x2d.shape[0]
+        out = x2d.new_empty(tokens, groups * out_g)
         w1_t, w2_t = w1.transpose(1, 2), w2.transpose(1, 2)
         b1_g = b1.view(groups, fc1_g) if b1 is not None else None
+        # with shuffle, each group's hidden units are written straight to their shuffled places
+        shuffled = x2d.new_empty(tokens, groups * hid_g) if shuffle else None
         hids, pres = [], []
         for i in range(groups):
             pre = _mm_bias(x2d[:, i * in_g:(i + 1) * in_g], w1_t[i], b1_g[i] if b1_g is not None else None)
@@ -228,12 +257,19 @@ class PerGroupBlockDiagonalMlp(torch.autograd.Function):
                 hid = hidden_fn(pre.requires_grad_())
             pre = pre.detach()
             hid = hid.detach()
-            torch.mm(hid, w2_t[i], out=out[:, i * out_g:(i + 1) * out_g])
-            hids.append(hid)
+            if shuffle:
+                _shuffled_slots(shuffled, groups)[:, :, i].copy_(hid.view(tokens, groups, -1))
+            else:
+                torch.mm(hid, w2_t[i], out=out[:, i * out_g:(i + 1) * out_g])
+                hids.append(hid)
             pres.append(pre)
+        if shuffle:  # fc2's inputs: column slices of the shuffled units
+            hids = [shuffled[:, j * hid_g:(j + 1) * hid_g] for j in range(groups)]
+            for j in range(groups):
+                torch.mm(hids[j], w2_t[j], out=out[:, j * out_g:(j + 1) * out_g])
         if b2 is not None:
             out.add_(b2)
-        ctx.hidden_fn, ctx.gelu = hidden_fn, gelu
+        ctx.hidden_fn, ctx.gelu, ctx.shuffle = hidden_fn, gelu, shuffle
         ctx.n_act, ctx.groups = len(act_params), groups
         ctx.save_for_backward(x2d, w1, w2, *act_params, *hids, *pres)
         return out
@@ -246,10 +282,10 @@ class PerGroupBlockDiagonalMlp(torch.autograd.Function):
         act_params, hids, pres = rest[:n_act], rest[n_act:n_act + groups], rest[n_act + groups:]
         hidden_fn = ctx.hidden_fn
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        act_live = [p for p, need in zip(act_params, ctx.needs_input_grad[7:]) if need]
+        act_live = [p for p, need in zip(act_params, ctx.needs_input_grad[8:]) if need]
         need_pre = need_x or need_w1 or need_b1 or bool(act_live)
         _, fc1_g, in_g = w1.shape
-        out_g = w2.shape[1]
+        out_g, hid_g = w2.shape[1], w2.shape[2]
         grad_x = torch.empty_like(x2d) if need_x else None
         grad_w1 = torch.empty_like(w1) if need_w1 else None
         grad_w2 = torch.empty_like(w2) if need_w2 else None
@@ -257,8 +293,13 @@ class PerGroupBlockDiagonalMlp(torch.autograd.Function):
         grad_b2 = grad_out.sum(0) if need_b2 else None
         grad_act = [torch.zeros_like(p) for p in act_live]
         # scratch buffers, reused group by group
-        grad_hid = x2d.new_empty(x2d.shape[0], w2.shape[2]) if need_pre else None
+        grad_hid = x2d.new_empty(x2d.shape[0], hid_g) if need_pre else None
         grad_pre_buf = x2d.new_empty(x2d.shape[0], fc1_g) if need_pre else None
+        grad_shuffled = None
+        if ctx.shuffle and need_pre:  # fc2's input gradient in shuffled order, gathered back per fc1 group below
+            grad_shuffled = x2d.new_empty(x2d.shape[0], groups * hid_g)
+            for j in range(groups):
+                torch.mm(grad_out[:, j * out_g:(j + 1) * out_g], w2[j], out=grad_shuffled[:, j * hid_g:(j + 1) * hid_g])
         for i in range(groups):
             g_i = grad_out[:, i * out_g:(i + 1) * out_g]
             x_i = x2d[:, i * in_g:(i + 1) * in_g]
@@ -266,7 +307,10 @@ class PerGroupBlockDiagonalMlp(torch.autograd.Function):
                 torch.mm(g_i.t(), hids[i], out=grad_w2[i])
             if not need_pre:
                 continue
-            torch.mm(g_i, w2[i], out=grad_hid)
+            if grad_shuffled is not None:
+                grad_hid.view(-1, groups, hid_g // groups).copy_(_shuffled_slots(grad_shuffled, groups)[:, :, i])
+            else:
+                torch.mm(g_i, w2[i], out=grad_hid)
             if ctx.gelu is not None and not act_live:
                 grad_pre = torch.ops.aten.gelu_backward.grad_input(grad_hid, pres[i], approximate=ctx.gelu,
                                                                     grad_input=grad_pre_buf)
@@ -290,15 +334,20 @@ class PerGroupBlockDiagonalMlp(torch.autograd.Function):
             if need_x:
                 torch.mm(grad_pre, w1[i], out=grad_x[:, i * in_g:(i + 1) * in_g])
         grad_act_iter = iter(grad_act)
-        grads_act = tuple(next(grad_act_iter) if need else None for need in ctx.needs_input_grad[7:])
+        grads_act = tuple(next(grad_act_iter) if need else None for need in ctx.needs_input_grad[8:])
         return (grad_x, grad_w1, grad_b1.view(-1) if grad_b1 is not None else None, grad_w2, grad_b2, None, None,
-                *grads_act)
+                None, *grads_act)
 
 
-def mlp_per_group(x, w1, b1, w2, b2, hidden_fn: HiddenFn) -> torch.Tensor:
+def mlp_per_group(x, w1, b1, w2, b2, hidden_fn: HiddenFn, shuffle: bool = False) -> torch.Tensor:
     """Autograd-native form: per group fc1 -> hidden -> fc2, then one cat (what torch.compile traces)."""
     groups, fc1_g, in_g = w1.shape
     out_g = w2.shape[1]
+    if shuffle:
+        hidden = torch.cat([hidden_fn(F.linear(x[..., i * in_g:(i + 1) * in_g], w1[i],
+                                               b1[i * fc1_g:(i + 1) * fc1_g] if b1 is not None else None))
+                            for i in range(groups)], dim=-1)
+        return linear_per_group(shuffle_channels(hidden, groups), w2, b2, groups, w2.shape[2], out_g)
     outs = []
     for i in range(groups):
         bias1 = b1[i * fc1_g:(i + 1) * fc1_g] if b1 is not None else None
@@ -307,8 +356,9 @@ def mlp_per_group(x, w1, b1, w2, b2, hidden_fn: HiddenFn) -> torch.Tensor:
     return torch.cat(outs, dim=-1)
 
 
-def mlp_batched(x, w1, b1, w2, b2, hidden_fn: HiddenFn) -> torch.Tensor:
-    """Two batched GEMMs over a strided (groups, tokens, width) view: one launch each on CUDA."""
+def mlp_batched(x, w1, b1, w2, b2, hidden_fn: HiddenFn, shuffle: bool = False) -> torch.Tensor:
+    """Two batched GEMMs over a strided (groups, tokens, width) view: one launch each on CUDA. With ``shuffle``
+    the hidden units are regrouped between them (one copy of the hidden tensor)."""
     groups, fc1_g, in_g = w1.shape
     out_g = w2.shape[1]
     lead = x.shape[:-1]
@@ -316,6 +366,9 @@ def mlp_batched(x, w1, b1, w2, b2, hidden_fn: HiddenFn) -> torch.Tensor:
     hid = torch.bmm(xg, w1.transpose(1, 2)) if b1 is None else \
         torch.baddbmm(b1.view(groups, 1, fc1_g), xg, w1.transpose(1, 2))
     hid = hidden_fn(hid)
+    if shuffle:  # (g_i, tokens, g_j, chunk) -> (g_j, tokens, g_i * chunk)
+        tokens = hid.shape[1]
+        hid = hid.unflatten(2, (groups, -1)).permute(2, 1, 0, 3).reshape(groups, tokens, -1)
     y = torch.bmm(hid, w2.transpose(1, 2)) if b2 is None else \
         torch.baddbmm(b2.view(groups, 1, out_g), hid, w2.transpose(1, 2))
     return y.transpose(0, 1).reshape(*lead, groups * out_g)
@@ -331,6 +384,7 @@ def block_diagonal_mlp(
         act_params: Sequence[torch.Tensor] = (),
         recompute: bool = False,
         gelu: Optional[str] = None,
+        shuffle: bool = False,
 ) -> torch.Tensor:
     """fc2(hidden_fn(fc1(x))) with block-diagonal fc1/fc2 on channels-last x (..., in_features).
 
@@ -338,22 +392,24 @@ def block_diagonal_mlp(
     each token independently and deterministically (activation, gating); ``act_params`` are its parameters.
     ``gelu``: hidden_fn is a bare ``nn.GELU`` of this ``approximate`` mode (a faster backward on CPU).
     ``recompute=True`` (CPU training) recomputes each hidden tile in backward instead of keeping the hidden
-    activations: most of the activation memory saved for a few % more time.
+    activations: most of the activation memory saved for a few % more time (not with ``shuffle``, whose fc2
+    groups each need every group's hidden tile).
+    ``shuffle``: fc2 reads the hidden units through ``shuffle_channels``.
     """
     groups = w1.shape[0]
-    kernel = dispatch.mlp_kernel(x, w1, b1, w2, b2, *act_params, recompute=recompute)
+    kernel = dispatch.mlp_kernel(x, w1, b1, w2, b2, *act_params, recompute=recompute and not shuffle)
     if kernel == dispatch.BATCHED:
-        return mlp_batched(x, w1, b1, w2, b2, hidden_fn)
+        return mlp_batched(x, w1, b1, w2, b2, hidden_fn, shuffle)
     if kernel in (dispatch.PER_GROUP, dispatch.PLAIN):
-        return mlp_per_group(x, w1, b1, w2, b2, hidden_fn)
+        return mlp_per_group(x, w1, b1, w2, b2, hidden_fn, shuffle)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     if kernel == dispatch.SLICES:
-        y = mlp_tiles_forward(x2d, w1, b1, w2, b2, hidden_fn)
+        y = mlp_tiles_forward(x2d, w1, b1, w2, b2, hidden_fn, shuffle)
     elif kernel == dispatch.RECOMPUTE_FN:
         y = TiledBlockDiagonalMlp.apply(x2d, w1, b1, w2, b2, hidden_fn, *act_params)
     else:
-        y = PerGroupBlockDiagonalMlp.apply(x2d, w1, b1, w2, b2, hidden_fn, gelu, *act_params)
+        y = PerGroupBlockDiagonalMlp.apply(x2d, w1, b1, w2, b2, hidden_fn, gelu, shuffle, *act_params)
     return y.reshape(*lead, groups * w2.shape[1])
 
 
@@ -367,6 +423,7 @@ def block_diagonal_mlp_nchw(
         act_params: Sequence[torch.Tensor] = (),
         recompute: bool = False,
         gelu: Optional[str] = None,
+        shuffle: bool = False,
 ) -> torch.Tensor:
     """fc2(hidden_fn(fc1(x))) with block-diagonal 1x1 convs on NCHW x (B, C, H, W).
 
@@ -374,7 +431,9 @@ def block_diagonal_mlp_nchw(
     (eager CPU), else channels-first ones (B, fc1_out // groups, H, W).
     """
     if dispatch.nchw_on_tokens(x):
-        y = block_diagonal_mlp(x.permute(0, 2, 3, 1), w1, b1, w2, b2, hidden_fn, act_params, recompute, gelu)
+        y = block_diagonal_mlp(x.permute(0, 2, 3, 1), w1, b1, w2, b2, hidden_fn, act_params, recompute, gelu,
+                               shuffle)
         return y.permute(0, 3, 1, 2).contiguous()
-    hid = block_diagonal_conv1x1(x, w1, b1).chunk(w1.shape[0], dim=1)
-    return block_diagonal_conv1x1(torch.cat([hidden_fn(h) for h in hid], dim=1), w2, b2)
+    groups = w1.shape[0]
+    hid = torch.cat([hidden_fn(h) for h in block_diagonal_conv1x1(x, w1, b1).chunk(groups, dim=1)], dim=1)
+    return block_diagonal_conv1x1(shuffle_channels(hid, groups, dim=1) if shuffle else hid, w2, b2)

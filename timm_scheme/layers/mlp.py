@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import schedule
 from ..schedule import CcaSchedule
-from ..kernels import block_diagonal_mlp, block_diagonal_mlp_nchw
+from ..kernels import block_diagonal_mlp, block_diagonal_mlp_nchw, shuffle_channels
 from ..kernels.dispatch import is_elementwise, nchw_on_tokens, tracing
 from .block_diagonal import BlockDiagonalConv1x1, BlockDiagonalLinear
 from .cca import ChannelCovarianceAttention
@@ -20,6 +20,7 @@ except ImportError:  # torch builds without distributed support
     DTensor = None
 
 
+_PROJECTIONS = (BlockDiagonalLinear, BlockDiagonalConv1x1)
 _SCHEDULE_BUFFERS = ('cca_limit', 'cca_step', 'cca_fade', 'cca_lr_peak')
 _SCHEDULE_DEFAULTS = {'cca_step': 0, 'cca_fade': schedule.FULL, 'cca_lr_peak': 0.0}  # a format-1 checkpoint's
 
@@ -41,6 +42,8 @@ class SchemeMlp(nn.Module):
     NOTE: When use_conv=True, expects 2D NCHW tensors, otherwise N*C expected.
     `hidden_features` counts hidden units (fc2's input); when gated, fc1 makes a value and a gate per unit,
     packed per group as [value, gate] (gate_last) or [gate, value], so both always share a group.
+    `channel_shuffle`: fc2 reads the hidden units through `kernels.shuffle_channels` (fc2 group j reads chunk j
+    of every fc1 group), so the MLP mixes across groups at no extra cost in FLOPs or parameters.
     """
     # the state dict entries of the training form, which fusing removes
     TRAINING_STATE = ('mix_logits',) + _SCHEDULE_BUFFERS
@@ -64,6 +67,7 @@ class SchemeMlp(nn.Module):
             cca_normalize: bool = False,
             alpha_init: float = 0.5,
             cca_schedule: Optional[CcaSchedule] = None,
+            channel_shuffle: bool = False,
             device=None,
             dtype=None,
     ):
@@ -77,6 +81,10 @@ class SchemeMlp(nn.Module):
                             ('out_features', out_features)):
             if width % groups:
                 raise ValueError(f"SchemeMlp: groups={groups} does not divide {name}={width}")
+        if channel_shuffle and hidden_features % (groups * groups):
+            raise ValueError(
+                f"SchemeMlp: channel_shuffle needs hidden_features={hidden_features} to be a multiple of groups**2="
+                f"{groups * groups} (each fc1 group sends an equal share to every fc2 group)")
         if cca and in_features != out_features:
             raise ValueError(
                 f"SchemeMlp: CCA needs in_features == out_features (got {in_features} -> {out_features}); "
@@ -90,6 +98,7 @@ class SchemeMlp(nn.Module):
         self.gate_last = gate_last
         self.norm_first = norm_first
         self.hidden_features = hidden_features
+        self.channel_shuffle = channel_shuffle
 
         fc1_out = 2 * hidden_features if gated else hidden_features
         self.fc1 = linear_layer(in_features, fc1_out, groups, bias=bias[0], **dd)
@@ -252,6 +261,13 @@ class SchemeMlp(nn.Module):
             x = self.norm(x)
         return x
 
+    def fc2_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What fc2 reads: ``hidden(x)``, through the channel shuffle when it is on."""
+        x = self.hidden(x)
+        if self.channel_shuffle:
+            x = shuffle_channels(x, self.groups, dim=1 if self.use_conv else -1)
+        return x
+
     def _act_maybe_inplace(self, x: torch.Tensor) -> torch.Tensor:
         # without autograd the fused kernels hand over a scratch tile: overwriting it saves an allocation
         # and a pass over memory (about 10% of the fused MLP on CPU)
@@ -276,9 +292,20 @@ class SchemeMlp(nn.Module):
     def _group_hidden_nchw(self, x: torch.Tensor) -> torch.Tensor:
         return self.group_hidden(x, channel_dim=1)
 
+    def plain_projections(self) -> bool:
+        """fc1 and fc2 are the block-diagonal layers themselves, not wrapped (e.g. by LoRA adapters, which the
+        fused kernels, reading the weights directly, would skip)."""
+        return type(self.fc1) in _PROJECTIONS and type(self.fc2) in _PROJECTIONS
+
     def fused_kernel_ok(self) -> bool:
         """The fused kernels run fc1 -> activation/gate -> fc2 per group: nothing may mix groups between
-        the projections (a hidden norm) nor be random (dropout while training) nor write in place."""
+        the projections (a hidden norm) nor be random (dropout while training) nor write in place, and the
+        projections must be the plain layers whose weights they read."""
+        return self.plain_projections() and self.hidden_is_per_group()
+
+    def hidden_is_per_group(self) -> bool:
+        """What runs between the projections may be applied one group and one token tile at a time: no hidden
+        norm mixing groups, no random numbers (dropout while training), no in-place activation."""
         if not isinstance(self.norm, nn.Identity) or not is_elementwise(self.act):
             return False
         if self.training and self.drop1.p > 0:
@@ -293,16 +320,18 @@ class SchemeMlp(nn.Module):
     def bd_mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The block-diagonal MLP branch alone."""
         if tracing() or torch.jit.is_scripting() or not self.fused_kernel_ok():
-            return self.drop2(self.fc2(self.hidden(x)))
+            return self.drop2(self.fc2(self.fc2_input(x)))
         fc1, fc2 = self.fc1, self.fc2
         act_params = tuple(self.act.parameters())
         if self.use_conv:
             hidden_fn = self.group_hidden if nchw_on_tokens(x) else self._group_hidden_nchw
             x = block_diagonal_mlp_nchw(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, hidden_fn, act_params,
-                                        recompute=self.recompute_hidden, gelu=self._gelu_mode())
+                                        recompute=self.recompute_hidden, gelu=self._gelu_mode(),
+                                        shuffle=self.channel_shuffle)
         else:
             x = block_diagonal_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.group_hidden, act_params,
-                                   recompute=self.recompute_hidden, gelu=self._gelu_mode())
+                                   recompute=self.recompute_hidden, gelu=self._gelu_mode(),
+                                   shuffle=self.channel_shuffle)
         return self.drop2(x)
 
     # --- forward ------------------------------------------------------------------------------------------
@@ -314,7 +343,7 @@ class SchemeMlp(nn.Module):
 
     def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         """Standard ops only, what tracing, scripting and FX record; the last skip decision is kept."""
-        y = self.drop2(self.fc2(self.hidden(x)))
+        y = self.drop2(self.fc2(self.fc2_input(x)))
         cca = self.cca
         if cca is None:
             return y
@@ -346,6 +375,11 @@ class SchemeMlp(nn.Module):
         Exact for the eval-mode function. Follows timm's `reparameterize_model` convention."""
         if self.cca is None:
             return self
+        if not self.plain_projections():
+            raise ValueError(
+                f"SchemeMlp.fuse: fc2 is wrapped ({type(self.fc2).__name__}), e.g. by LoRA adapters, and folding "
+                "alpha into its base weight would leave the adapter unscaled; merge the adapters first "
+                "(peft_model.merge_and_unload())")
         alpha = self.mixing_weights()[0]
         self.fc2.weight.copy_((self.fc2.weight.float() * alpha).to(self.fc2.weight.dtype))
         if self.fc2.bias is not None:
@@ -359,5 +393,6 @@ class SchemeMlp(nn.Module):
 
     def extra_repr(self) -> str:
         gate = f", gated=True, gate_last={self.gate_last}" if self.gated else ""
+        gate += ", channel_shuffle=True" if self.channel_shuffle else ""
         anneal = f", cca_anneal={self.cca_schedule.mode}" if self.cca is not None else ""
         return f"groups={self.groups}, hidden_features={self.hidden_features}, cca={self.has_cca}{gate}{anneal}"
