@@ -295,11 +295,7 @@ class PerGroupBlockDiagonalMlp(torch.autograd.Function):
         # scratch buffers, reused group by group
         grad_hid = x2d.new_empty(x2d.shape[0], hid_g) if need_pre else None
         grad_pre_buf = x2d.new_empty(x2d.shape[0], fc1_g) if need_pre else None
-        grad_shuffled = None
-        if ctx.shuffle and need_pre:  # fc2's input gradient in shuffled order, gathered back per fc1 group below
-            grad_shuffled = x2d.new_empty(x2d.shape[0], groups * hid_g)
-            for j in range(groups):
-                torch.mm(grad_out[:, j * out_g:(j + 1) * out_g], w2[j], out=grad_shuffled[:, j * hid_g:(j + 1) * hid_g])
+        chunk = hid_g // groups
         for i in range(groups):
             g_i = grad_out[:, i * out_g:(i + 1) * out_g]
             x_i = x2d[:, i * in_g:(i + 1) * in_g]
@@ -307,8 +303,10 @@ class PerGroupBlockDiagonalMlp(torch.autograd.Function):
                 torch.mm(g_i.t(), hids[i], out=grad_w2[i])
             if not need_pre:
                 continue
-            if grad_shuffled is not None:
-                grad_hid.view(-1, groups, hid_g // groups).copy_(_shuffled_slots(grad_shuffled, groups)[:, :, i])
+            if ctx.shuffle:  # fc1 group i's chunk j was read by fc2 group j as its chunk i
+                for j in range(groups):
+                    torch.mm(grad_out[:, j * out_g:(j + 1) * out_g], w2[j][:, i * chunk:(i + 1) * chunk],
+                             out=grad_hid[:, j * chunk:(j + 1) * chunk])
             else:
                 torch.mm(g_i, w2[i], out=grad_hid)
             if ctx.gelu is not None and not act_live:
