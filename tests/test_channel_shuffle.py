@@ -13,6 +13,7 @@ import torch
 from timm.utils.onnx import onnx_export
 from torch import nn
 
+import timm_scheme
 import timm_scheme.kernels.block_diagonal as bd
 from timm_scheme import SchemeMlp, fuse_for_inference, scheme_patch
 from timm_scheme.convert import layer_output_errors
@@ -179,6 +180,31 @@ def test_legacy_onnx_export_matches_in_onnxruntime(tmp_path):
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_calibrated_fusing_refits_fc2_on_the_shuffled_units():
+    """fc2 group j is refit (ridge, as documented) on the units it reads through the shuffle: an independent
+    solve on the explicitly permuted hidden activations."""
+    torch.manual_seed(0)
+    mixer = SchemeMlp(16, 64, groups=4, alpha_init=0.4, channel_shuffle=True).eval()
+    x = torch.randn(3, 40, 16)
+    with torch.no_grad(), timm_scheme.cca_in_eval(mixer):
+        target = mixer(x).double().reshape(-1, 16)
+    hidden = nn.functional.gelu(x.double() @ mixer.fc1.dense_weight().double().t() + mixer.fc1.bias.double())
+    hidden = hidden.reshape(-1, 64)[:, shuffle_index(64, 4)]
+    want_w, want_b = [], []
+    for j in range(4):
+        h = torch.cat([hidden[:, j * 16:(j + 1) * 16], torch.ones(len(hidden), 1, dtype=torch.float64)], 1)
+        gram = h.t() @ h
+        theta = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(17, dtype=torch.float64),
+                                   h.t() @ target[:, j * 4:(j + 1) * 4])
+        want_w.append(theta[:16].t())
+        want_b.append(theta[16])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the CCA weight fusing discards
+        fuse_for_inference(nn.Sequential(mixer), calibration_data=x)
+    torch.testing.assert_close(mixer.fc2.weight.detach().double(), torch.stack(want_w), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mixer.fc2.bias.detach().double(), torch.cat(want_b), rtol=1e-4, atol=1e-6)
 
 
 # --- init="dense" ---------------------------------------------------------------------------------------

@@ -134,7 +134,8 @@ class SchemeMlp(nn.Module):
         # the last skip decision, a plain bool so torch.compile and traced forms read it without a host sync
         self._cca_skipped = False
         # training on CPU: recompute each hidden tile in backward instead of keeping the (tokens, hidden)
-        # activations; saves most of the mixer's activation memory for a few % more step time
+        # activations; saves most of the mixer's activation memory for a few % more step time (not with the
+        # channel shuffle, whose fc2 groups need every group's hidden tile: the per-group kernel runs instead)
         self.recompute_hidden = False
         if self.cca is not None:
             schedule.track(self)
