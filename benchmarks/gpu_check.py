@@ -33,7 +33,7 @@ from timm.layers import Mlp  # noqa: E402
 
 import timm_scheme  # noqa: E402
 from timm_scheme import BlockDiagonalConv1x1, BlockDiagonalLinear, ChannelCovarianceAttention, SchemeMlp  # noqa: E402
-from timm_scheme.kernels import dispatch, mlp_batched, mlp_per_group  # noqa: E402
+from timm_scheme.kernels import dispatch, mlp_batched, mlp_grouped_mm, mlp_per_group  # noqa: E402
 
 from benchmarks.harness import Settings, Table, compare, machine, ms, ratio  # noqa: E402
 
@@ -97,22 +97,49 @@ def correctness(report: Report, device: str, tokens: int, width: int) -> None:
     cases["SchemeMlp gated=True channel_shuffle"] = (shuffled, torch.randn(2, tokens, width))
     shuffled_conv = SchemeMlp(width, 4 * width, groups=groups, use_conv=True, channel_shuffle=True)
     cases["SchemeMlp conv=True channel_shuffle"] = (shuffled_conv, torch.randn(2, width, 8, 8))
-    for name, (module, x) in cases.items():
-        modes = ("train", "eval", "fused") if isinstance(module, SchemeMlp) else ("train",)
-        for mode in modes:
-            reference, on_device = _twin(module, device)
-            for m in (reference, on_device):
-                m.train(mode == "train")
-                if mode == "fused":
-                    m.fuse()
-            want, want_grads = _forward_backward(reference, x.double())
-            got, got_grads = _forward_backward(on_device, x.to(device))
-            report.check(f"{name}, {mode}, float32 output", got, want, 1e-5)
-            worst = max(range(len(want_grads)), key=lambda i: float((got_grads[i].double().cpu() - want_grads[i])
-                                                                     .abs().max() / want_grads[i].abs().max()))
-            report.check(f"{name}, {mode}, float32 gradients", got_grads[worst], want_grads[worst], 1e-4)
+    chosen = dispatch.accelerator_kernel()
+    try:
+        for form in dispatch.ACCELERATOR_KERNELS:  # every eager form the dispatch may run on the device
+            dispatch.set_accelerator_kernel(form)
+            for name, (module, x) in cases.items():
+                modes = ("train", "eval", "fused") if isinstance(module, SchemeMlp) else ("train",)
+                for mode in modes:
+                    reference, on_device = _twin(module, device)
+                    for m in (reference, on_device):
+                        m.train(mode == "train")
+                        if mode == "fused":
+                            m.fuse()
+                    want, want_grads = _forward_backward(reference, x.double())
+                    got, got_grads = _forward_backward(on_device, x.to(device))
+                    with torch.no_grad():  # without autograd: what grouped_mm runs (with it, batched)
+                        got_inference = on_device(x.to(device))
+                    label = f"{name}, {mode}, {form}"
+                    report.check(f"{label}, float32 output", got, want, 1e-5)
+                    report.check(f"{label}, float32 output without autograd", got_inference, want, 1e-5)
+                    worst = max(range(len(want_grads)), key=lambda i: float(
+                        (got_grads[i].double().cpu() - want_grads[i]).abs().max() / want_grads[i].abs().max()))
+                    report.check(f"{label}, float32 gradients", got_grads[worst], want_grads[worst], 1e-4)
+    finally:
+        dispatch.set_accelerator_kernel(chosen)
+    _int8_checks(report, device, tokens, width)
     _autocast_checks(report, device, tokens, width)
     _compile_checks(report, device, tokens, width)
+
+
+def _int8_checks(report: Report, device: str, tokens: int, width: int) -> None:
+    """The int8 layers on the device (cuBLASLt's int8 GEMM, one tile) against the dequantized product computed
+    in float64 on the CPU: the same integers, so float rounding only."""
+    from timm_scheme.quantize import Int8BlockDiagonalLinear, quantize_per_row
+
+    torch.manual_seed(0)
+    for rows in (tokens, 8):  # 8 rows: below cuBLASLt's minimum, the exact float fallback
+        layer = Int8BlockDiagonalLinear.from_float(BlockDiagonalLinear(width, 2 * width, 4))
+        x = torch.randn(rows, width)
+        q, scale = quantize_per_row(x.view(rows, 4, -1))
+        w = layer.weight_int8.double() * layer.weight_scale.double().unsqueeze(-1)
+        want = torch.einsum("rgi,goi->rgo", q.double() * scale.double(), w).reshape(rows, -1) + layer.bias.double()
+        got = layer.to(device)(x.to(device))
+        report.check(f"Int8BlockDiagonalLinear, {rows} rows, output", got, want, 1e-5)
 
 
 def _autocast_checks(report: Report, device: str, tokens: int, width: int) -> None:
@@ -160,7 +187,8 @@ def block_speed(report: Report, settings: Settings, device: str, batch: int, dty
     c, tokens, groups = 192, 197, 4
     table = Table(f"BD-MLP (g={groups}, E=8, fused) vs timm's dense E=4 Mlp, inference, DeiT-Tiny width, "
                   f"batch {batch} x {tokens} tokens", ["precision", "form", "dense ms", "BD-MLP ms", "speedup",
-                                                      "batched / per-group kernel", "channel shuffle cost"])
+                                                      "per-group / batched", "grouped_mm / batched",
+                                                      "fastest accelerator form", "channel shuffle cost"])
     torch.manual_seed(0)
     dense = Mlp(c, 4 * c).to(device).eval()
     scheme = SchemeMlp(c, 8 * c, groups=groups, cca=False).to(device).eval()
@@ -175,12 +203,21 @@ def block_speed(report: Report, settings: Settings, device: str, batch: int, dty
                    "shuffled": _inference(sh, x, dtype, device),
                    "batched": _inference(lambda t: mlp_batched(t, w1, b1, w2, b2, F.gelu), x, dtype, device),
                    "per_group": _inference(lambda t: mlp_per_group(t, w1, b1, w2, b2, F.gelu), x, dtype, device)}
+            with _precision(dtype, device):
+                grouped = dispatch.grouped_mm_supported(x, w1)
+            if grouped:
+                fns["grouped_mm"] = _inference(lambda t: mlp_grouped_mm(t, w1, b1, w2, b2, F.gelu), x, dtype, device)
             t = compare(fns, settings)
+            forms = [f for f in dispatch.ACCELERATOR_KERNELS if f in t]
+            fastest = min(forms, key=lambda f: t[f].median)
             table.add(str(dtype)[6:], form, ms(t["dense"]), ms(t["scheme"]), ratio(t, "dense", "scheme"),
-                      ratio(t, "per_group", "batched"), ratio(t, "shuffled", "scheme"))
-    table.notes.append("speedup = median over interleaved rounds of t(dense) / t(BD-MLP); the last column compares "
-                       "the two accelerator forms the dispatch could pick (> 1: batched GEMMs are faster); channel "
-                       "shuffle cost = t(shuffled BD-MLP) / t(BD-MLP)")
+                      ratio(t, "per_group", "batched"), ratio(t, "grouped_mm", "batched") if grouped else "n/a",
+                      fastest, ratio(t, "shuffled", "scheme"))
+    table.notes.append("speedup = median over interleaved rounds of t(dense) / t(BD-MLP); per-group / batched and "
+                       "grouped_mm / batched: time ratios of the accelerator forms (> 1: batched is faster; "
+                       "grouped_mm where the device and dtype have it); the fastest form is what "
+                       "dispatch.set_accelerator_kernel (or TIMM_SCHEME_ACCELERATOR_KERNEL) should be set to for "
+                       "inference; channel shuffle cost = t(shuffled BD-MLP) / t(BD-MLP)")
     report.tables.append(table)
 
 
@@ -272,6 +309,19 @@ def _peaks(device: str, fns: Dict[str, Callable[[], object]]) -> str:
 
 # --- the command ----------------------------------------------------------------------------------------------
 
+def _run_all(report: Report, settings: Settings, device: str, quick: bool, compiled: bool) -> None:
+    correctness(report, device, tokens=16 if quick else 197, width=32 if quick else 192)
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    print("speed:", flush=True)
+    block_speed(report, settings, device, batch=2 if quick else 256, dtypes=dtypes, compiled=compiled and not quick)
+    model_speed(report, settings, device,
+                names=("deit_tiny_patch16_224",) if quick else ("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
+                                                                "caformer_s18", "schemeformer_ppaa_s12_224"),
+                batches=(2,) if quick else (128, 256), size=32 if quick else 224, dtypes=dtypes,
+                compiled=compiled and not quick)
+    train_speed(report, settings, device, batch=2 if quick else 128, size=32 if quick else 224, dtypes=dtypes)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -291,22 +341,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         device=device)
     report = Report()
     quick = args.quick
-    correctness(report, device, tokens=16 if quick else 197, width=32 if quick else 192)
-    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
-    compiled = not args.no_compile
-    print("speed:", flush=True)
-    block_speed(report, settings, device, batch=2 if quick else 256, dtypes=dtypes, compiled=compiled and not quick)
-    model_speed(report, settings, device,
-                names=("deit_tiny_patch16_224",) if quick else ("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
-                                                                "caformer_s18", "schemeformer_ppaa_s12_224"),
-                batches=(2,) if quick else (128, 256), size=32 if quick else 224, dtypes=dtypes,
-                compiled=compiled and not quick)
-    train_speed(report, settings, device, batch=2 if quick else 128, size=32 if quick else 224, dtypes=dtypes)
-
+    # on the CPU (the smoke run) CPU tensors take the accelerator forms, so the run covers what a GPU would run
+    with dispatch.cpu_as_accelerator() if device == "cpu" else contextlib.nullcontext():
+        _run_all(report, settings, device, quick, compiled=not args.no_compile)
     failed = [c for c in report.checks if not c.ok]
     header = dict(machine(), device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   quick=quick, rounds=settings.rounds, seconds=round(time.time() - started, 1),
-                  accelerator_kernel=dispatch.BATCHED, checks_failed=len(failed))
+                  accelerator_kernel=dispatch.accelerator_kernel(), checks_failed=len(failed))
     if device.startswith("cuda"):
         header["gpu"] = torch.cuda.get_device_name()
         header["cuda"] = torch.version.cuda

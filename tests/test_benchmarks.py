@@ -33,3 +33,6 @@ def test_gpu_check_smoke_run_on_cpu(tmp_path):
                   "Training step"):
         assert title in report, title
     assert "FAIL" not in report and "| nan |" not in report
+    for form in ("batched", "grouped_mm", "per_group"):  # every eager accelerator form was checked
+        assert f"gated=True channel_shuffle, eval, {form}, float32 output without autograd" in report, form
+    assert "Int8BlockDiagonalLinear, 16 rows, output" in report

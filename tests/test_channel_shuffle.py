@@ -31,7 +31,8 @@ def shuffle_index(hidden: int, groups: int) -> torch.Tensor:
 
 
 def reference(mixer: SchemeMlp, x: torch.Tensor) -> torch.Tensor:
-    """The eval-mode mixer in float64 from dense block-diagonal matrices and the explicit index."""
+    """The eval-mode mixer in float64 from dense block-diagonal matrices and, with the shuffle, the explicit
+    index."""
     g = mixer.groups
     w1 = torch.block_diag(*mixer.fc1.weight.double().unbind(0))
     w2 = torch.block_diag(*mixer.fc2.weight.double().unbind(0))
@@ -48,7 +49,9 @@ def reference(mixer: SchemeMlp, x: torch.Tensor) -> torch.Tensor:
     if isinstance(mixer.norm, nn.LayerNorm):  # the only hidden norm these tests build
         norm = mixer.norm
         h = nn.functional.layer_norm(h, norm.normalized_shape, norm.weight.double(), norm.bias.double(), norm.eps)
-    y = h[..., shuffle_index(mixer.hidden_features, g)] @ w2.T
+    if mixer.channel_shuffle:
+        h = h[..., shuffle_index(mixer.hidden_features, g)]
+    y = h @ w2.T
     if mixer.fc2.bias is not None:
         y = y + mixer.fc2.bias.double()
     if mixer.has_cca:

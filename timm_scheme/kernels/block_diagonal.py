@@ -66,6 +66,8 @@ def block_diagonal_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     kernel = dispatch.linear_kernel(x, weight, bias)
     if kernel == dispatch.BATCHED:
         return linear_batched(x, weight, bias)
+    if kernel == dispatch.GROUPED_MM:
+        return linear_grouped_mm(x, weight, bias)
     if kernel == dispatch.SLICES:
         return linear_into_slices(x, weight, bias)
     return linear_per_group(x, weight, bias, *_sizes(weight))
@@ -80,6 +82,28 @@ def linear_batched(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         y = torch.bmm(xg, weight.transpose(1, 2))
     else:
         y = torch.baddbmm(bias.view(groups, 1, out_g), xg, weight.transpose(1, 2))
+    return y.transpose(0, 1).reshape(*lead, groups * out_g)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(groups, rows, k) x (groups, k, n) by ``torch._grouped_mm``, in the autocast dtype when autocast is on (it
+    is not on autocast's lists)."""
+    dtype = dispatch.autocast_dtype(a)
+    if dtype is not None:
+        a, b = a.to(dtype), b.to(dtype)
+    elif b.dtype != a.dtype:
+        b = b.to(a.dtype)
+    return torch._grouped_mm(a, b)
+
+
+def linear_grouped_mm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """One ``torch._grouped_mm`` (grouped GEMM kernels on recent GPUs) over the (groups, tokens, in_g) view, then
+    the bias. No autograd."""
+    groups, out_g, in_g = weight.shape
+    lead = x.shape[:-1]
+    y = _grouped_mm(x.reshape(-1, groups, in_g).transpose(0, 1), weight.transpose(1, 2))
+    if bias is not None:
+        y = y + bias.view(groups, 1, out_g).to(y.dtype)
     return y.transpose(0, 1).reshape(*lead, groups * out_g)
 
 
@@ -140,7 +164,8 @@ def mlp_tiles_forward(x2d, w1, b1, w2, b2, hidden_fn: HiddenFn, shuffle: bool = 
     """fc2(hidden_fn(fc1(x))) for (tokens, channels) input, tile by tile and group by group, no autograd;
     ``hidden_fn`` may overwrite the scratch tile it is given. With ``shuffle`` each group's hidden units are
     written to their shuffled places in a cache-resident tile of all groups, from which each fc2 group reads
-    its columns: the shuffle costs that one copy of the tile, no pass over the whole hidden tensor."""
+    its columns: the shuffle costs a copy within the cache-resident tile, not a pass over a materialised hidden
+    tensor."""
     groups, fc1_g, in_g = w1.shape
     out_g, hid_g = w2.shape[1], w2.shape[2]
     tokens = x2d.shape[0]
@@ -372,6 +397,24 @@ def mlp_batched(x, w1, b1, w2, b2, hidden_fn: HiddenFn, shuffle: bool = False) -
     return y.transpose(0, 1).reshape(*lead, groups * out_g)
 
 
+def mlp_grouped_mm(x, w1, b1, w2, b2, hidden_fn: HiddenFn, shuffle: bool = False) -> torch.Tensor:
+    """Two ``torch._grouped_mm`` over the (groups, tokens, width) view, the hidden function between them (and the
+    shuffle, as in ``mlp_batched``). No autograd."""
+    groups, fc1_g, in_g = w1.shape
+    out_g = w2.shape[1]
+    lead = x.shape[:-1]
+    hid = _grouped_mm(x.reshape(-1, groups, in_g).transpose(0, 1), w1.transpose(1, 2))
+    if b1 is not None:
+        hid = hid + b1.view(groups, 1, fc1_g).to(hid.dtype)
+    hid = hidden_fn(hid)
+    if shuffle:
+        hid = hid.unflatten(2, (groups, -1)).permute(2, 1, 0, 3).reshape(groups, hid.shape[1], -1)
+    y = _grouped_mm(hid, w2.transpose(1, 2))
+    if b2 is not None:
+        y = y + b2.view(groups, 1, out_g).to(y.dtype)
+    return y.transpose(0, 1).reshape(*lead, groups * out_g)
+
+
 def block_diagonal_mlp(
         x: torch.Tensor,
         w1: torch.Tensor,
@@ -398,6 +441,8 @@ def block_diagonal_mlp(
     kernel = dispatch.mlp_kernel(x, w1, b1, w2, b2, *act_params, recompute=recompute and not shuffle)
     if kernel == dispatch.BATCHED:
         return mlp_batched(x, w1, b1, w2, b2, hidden_fn, shuffle)
+    if kernel == dispatch.GROUPED_MM:
+        return mlp_grouped_mm(x, w1, b1, w2, b2, hidden_fn, shuffle)
     if kernel in (dispatch.PER_GROUP, dispatch.PLAIN):
         return mlp_per_group(x, w1, b1, w2, b2, hidden_fn, shuffle)
     lead = x.shape[:-1]
