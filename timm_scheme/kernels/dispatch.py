@@ -1,11 +1,11 @@
 """The one place that decides which kernel runs.
 
-Eager calls get the fast hand-written kernels (token tiles on CPU, batched GEMMs elsewhere, or the accelerator form
-``set_accelerator_kernel`` picks). Anything that
-records the computation instead of running it (``torch.jit.trace``/``script``, FX symbolic tracing, the
-legacy ONNX exporter) gets the plain forms: a few standard ops with no ``out=`` writes, no loops whose trip
-count depends on the input and no autograd Functions, so what is recorded is what eager computes at any
-batch size. ``torch.compile`` / ``torch.export`` and autocast get the autograd-native per-group form.
+Eager calls get the fast hand-written kernels (token tiles on CPU; on accelerators batched GEMMs, or the form
+``set_accelerator_kernel`` picks). Anything that records the computation instead of running it
+(``torch.jit.trace``/``script``, FX symbolic tracing, the legacy ONNX exporter) gets the plain forms: a few
+standard ops with no ``out=`` writes, no loops whose trip count depends on the input and no autograd Functions,
+so what is recorded is what eager computes at any batch size. ``torch.compile`` / ``torch.export`` and autocast
+get the autograd-native per-group form.
 """
 from __future__ import annotations
 
