@@ -149,9 +149,13 @@ def energy_scores(weights: DenseMlpWeights, groups: int, shuffle: bool = False) 
     fc2_in_group = w2.pow(2).reshape(groups, c_out // groups, hidden).sum(dim=1).t()
     fc1_share = fc1_in_group / rows.pow(2).sum().clamp_min(1e-30)
     fc2_share = fc2_in_group / w2.pow(2).sum().clamp_min(1e-30)
-    if shuffle:  # route i * groups + j: input group i, output group j
-        return 0.5 * (fc1_share[:, :, None] + fc2_share[:, None, :]).flatten(1)
-    return 0.5 * (fc1_share + fc2_share)
+    return _on_routes(0.5 * (fc1_share[:, :, None] + fc2_share[:, None, :]), shuffle)
+
+
+def _on_routes(per_pair: torch.Tensor, shuffle: bool) -> torch.Tensor:
+    """(hidden, input group i, output group j) -> (hidden, routes) in ``Routes`` order: every pair, i * groups + j,
+    with the shuffle; the diagonal (k, k) without."""
+    return per_pair.flatten(1) if shuffle else per_pair.diagonal(dim1=1, dim2=2)
 
 
 def assign_units(scores: torch.Tensor, slots: List[int]) -> List[List[int]]:
@@ -247,11 +251,8 @@ class OutputErrorStats:
         full_norm = w2.sum(0)                                           # ||fc2[:, h]||^2
         block_norm = w2.reshape(self.groups, -1, w2.shape[1]).sum(1).t()  # ||fc2[O_j, h]||^2
         kept = 2 * self.cross - self.block_sq                           # per input group i
-        if shuffle:
-            error = (full_norm * self.full_sq)[:, None, None] - kept[:, :, None] * block_norm[:, None, :]
-            return -(error.flatten(1) / self.tokens).float()
-        error = (full_norm * self.full_sq)[:, None] - block_norm * kept
-        return -(error / self.tokens).float()
+        error = (full_norm * self.full_sq)[:, None, None] - kept[:, :, None] * block_norm[:, None, :]
+        return -(_on_routes(error, shuffle) / self.tokens).float()
 
 
 def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -198,16 +198,21 @@ def _check_widths(spec: MlpLayout, hidden: int, groups: int, shuffle: bool = Fal
             f"scheme_patch: groups={groups} does not divide {bad[0][0]}={bad[0][1]} of {where}; "
             f"groups that divide this layer's widths: {fitting}")
     if hidden < groups or hidden % groups:
-        ok = [e for e in (2, 3, 4, 6, 8, 12, 16) if int(round(e * spec.in_features)) % groups == 0]
+        ok = _expansions_giving_multiples(spec, groups)
         raise ValueError(
             f"scheme_patch: the hidden width {hidden} of {where} (from its expansion) is not a positive multiple "
             f"of groups={groups}; choose an expansion giving a multiple of {groups} hidden units "
             f"(e.g. {ok[:4]}) or expansion=None to keep {spec.hidden_features}")
     if shuffle and hidden % (groups * groups):
-        ok = [e for e in (2, 3, 4, 6, 8, 12, 16) if int(round(e * spec.in_features)) % (groups * groups) == 0]
+        ok = _expansions_giving_multiples(spec, groups * groups)
         raise ValueError(
             f"scheme_patch: channel_shuffle needs the hidden width {hidden} of {where} to be a multiple of "
             f"groups**2={groups * groups}; choose an expansion giving one (e.g. {ok[:4]}) or fewer groups")
+
+
+def _expansions_giving_multiples(spec: MlpLayout, unit: int) -> List[int]:
+    """Common expansions whose hidden width for this layer is a multiple of ``unit``."""
+    return [e for e in (2, 3, 4, 6, 8, 12, 16) if int(round(e * spec.in_features)) % unit == 0]
 
 
 def _divisors_of_all(*widths: int) -> List[int]:

@@ -73,38 +73,46 @@ def block_diagonal_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return linear_per_group(x, weight, bias, *_sizes(weight))
 
 
-def linear_batched(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """One batched GEMM: cuBLAS reads the (groups, tokens, in_g) view with leading dimension in_features."""
+def _bmm_bias(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """(groups, rows, in_g) x weight (groups, out_g, in_g)^T + bias: one batched GEMM, the bias fused."""
+    if bias is None:
+        return torch.bmm(a, weight.transpose(1, 2))
+    return torch.baddbmm(bias.view(weight.shape[0], 1, -1), a, weight.transpose(1, 2))
+
+
+def _grouped_mm_bias(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The same product by ``torch._grouped_mm``, in the autocast dtype when autocast is on (it is not on
+    autocast's lists), then the bias."""
+    w_t = weight.transpose(1, 2)
+    dtype = dispatch.autocast_dtype(a)
+    if dtype is not None:
+        a, w_t = a.to(dtype), w_t.to(dtype)
+    elif w_t.dtype != a.dtype:
+        w_t = w_t.to(a.dtype)
+    y = torch._grouped_mm(a, w_t)
+    return y if bias is None else y + bias.view(weight.shape[0], 1, -1).to(y.dtype)
+
+
+GroupProduct = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def _linear_on_group_views(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           product: GroupProduct) -> torch.Tensor:
     groups, out_g, in_g = weight.shape
     lead = x.shape[:-1]
-    xg = x.reshape(-1, groups, in_g).transpose(0, 1)
-    if bias is None:
-        y = torch.bmm(xg, weight.transpose(1, 2))
-    else:
-        y = torch.baddbmm(bias.view(groups, 1, out_g), xg, weight.transpose(1, 2))
+    y = product(x.reshape(-1, groups, in_g).transpose(0, 1), weight, bias)
     return y.transpose(0, 1).reshape(*lead, groups * out_g)
 
 
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(groups, rows, k) x (groups, k, n) by ``torch._grouped_mm``, in the autocast dtype when autocast is on (it
-    is not on autocast's lists)."""
-    dtype = dispatch.autocast_dtype(a)
-    if dtype is not None:
-        a, b = a.to(dtype), b.to(dtype)
-    elif b.dtype != a.dtype:
-        b = b.to(a.dtype)
-    return torch._grouped_mm(a, b)
+def linear_batched(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """One batched GEMM: cuBLAS reads the (groups, tokens, in_g) view with leading dimension in_features."""
+    return _linear_on_group_views(x, weight, bias, _bmm_bias)
 
 
 def linear_grouped_mm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """One ``torch._grouped_mm`` (grouped GEMM kernels on recent GPUs) over the (groups, tokens, in_g) view, then
     the bias. No autograd."""
-    groups, out_g, in_g = weight.shape
-    lead = x.shape[:-1]
-    y = _grouped_mm(x.reshape(-1, groups, in_g).transpose(0, 1), weight.transpose(1, 2))
-    if bias is not None:
-        y = y + bias.view(groups, 1, out_g).to(y.dtype)
-    return y.transpose(0, 1).reshape(*lead, groups * out_g)
+    return _linear_on_group_views(x, weight, bias, _grouped_mm_bias)
 
 
 def linear_into_slices(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -379,40 +387,26 @@ def mlp_per_group(x, w1, b1, w2, b2, hidden_fn: HiddenFn, shuffle: bool = False)
     return torch.cat(outs, dim=-1)
 
 
+def _mlp_on_group_views(x, w1, b1, w2, b2, hidden_fn: HiddenFn, shuffle: bool, product: GroupProduct):
+    groups, out_g = w1.shape[0], w2.shape[1]
+    lead = x.shape[:-1]
+    hid = hidden_fn(product(x.reshape(-1, groups, w1.shape[2]).transpose(0, 1), w1, b1))
+    if shuffle:  # (g_i, tokens, g_j, chunk) -> (g_j, tokens, g_i * chunk)
+        hid = hid.unflatten(2, (groups, -1)).permute(2, 1, 0, 3).reshape(groups, hid.shape[1], -1)
+    y = product(hid, w2, b2)
+    return y.transpose(0, 1).reshape(*lead, groups * out_g)
+
+
 def mlp_batched(x, w1, b1, w2, b2, hidden_fn: HiddenFn, shuffle: bool = False) -> torch.Tensor:
     """Two batched GEMMs over a strided (groups, tokens, width) view: one launch each on CUDA. With ``shuffle``
     the hidden units are regrouped between them (one copy of the hidden tensor)."""
-    groups, fc1_g, in_g = w1.shape
-    out_g = w2.shape[1]
-    lead = x.shape[:-1]
-    xg = x.reshape(-1, groups, in_g).transpose(0, 1)
-    hid = torch.bmm(xg, w1.transpose(1, 2)) if b1 is None else \
-        torch.baddbmm(b1.view(groups, 1, fc1_g), xg, w1.transpose(1, 2))
-    hid = hidden_fn(hid)
-    if shuffle:  # (g_i, tokens, g_j, chunk) -> (g_j, tokens, g_i * chunk)
-        tokens = hid.shape[1]
-        hid = hid.unflatten(2, (groups, -1)).permute(2, 1, 0, 3).reshape(groups, tokens, -1)
-    y = torch.bmm(hid, w2.transpose(1, 2)) if b2 is None else \
-        torch.baddbmm(b2.view(groups, 1, out_g), hid, w2.transpose(1, 2))
-    return y.transpose(0, 1).reshape(*lead, groups * out_g)
+    return _mlp_on_group_views(x, w1, b1, w2, b2, hidden_fn, shuffle, _bmm_bias)
 
 
 def mlp_grouped_mm(x, w1, b1, w2, b2, hidden_fn: HiddenFn, shuffle: bool = False) -> torch.Tensor:
-    """Two ``torch._grouped_mm`` over the (groups, tokens, width) view, the hidden function between them (and the
-    shuffle, as in ``mlp_batched``). No autograd."""
-    groups, fc1_g, in_g = w1.shape
-    out_g = w2.shape[1]
-    lead = x.shape[:-1]
-    hid = _grouped_mm(x.reshape(-1, groups, in_g).transpose(0, 1), w1.transpose(1, 2))
-    if b1 is not None:
-        hid = hid + b1.view(groups, 1, fc1_g).to(hid.dtype)
-    hid = hidden_fn(hid)
-    if shuffle:
-        hid = hid.unflatten(2, (groups, -1)).permute(2, 1, 0, 3).reshape(groups, hid.shape[1], -1)
-    y = _grouped_mm(hid, w2.transpose(1, 2))
-    if b2 is not None:
-        y = y + b2.view(groups, 1, out_g).to(y.dtype)
-    return y.transpose(0, 1).reshape(*lead, groups * out_g)
+    """Two ``torch._grouped_mm`` over the (groups, tokens, width) view, the hidden function (and the shuffle)
+    between them, as in ``mlp_batched``. No autograd."""
+    return _mlp_on_group_views(x, w1, b1, w2, b2, hidden_fn, shuffle, _grouped_mm_bias)
 
 
 def block_diagonal_mlp(
