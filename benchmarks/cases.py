@@ -783,7 +783,7 @@ def scaling_tables(plan: Plan, settings: Settings, name: str = "deit_tiny_patch1
 def _int8_pair(name: str, mechanism: str) -> Tuple[nn.Module, nn.Module]:
     """(dense, fused SCHEME) DeiT-Tiny quantized alike: "torchao" (Int8DynamicActivationInt8WeightConfig on the
     nn.Linear layers, ours on the block-diagonal ones) or "torch.ao" (quantize_dynamic: fbgemm's dynamic Linear,
-    ours on the block-diagonal ones)."""
+    and per group on the block-diagonal ones)."""
     from timm_scheme.quantize import quantize_dynamic_int8, quantize_int8
     torch.manual_seed(0)
     dense = dense_model(name).eval()
@@ -835,8 +835,8 @@ def quantized_table(plan: Plan, settings: Settings, name: str = "deit_tiny_patch
                        "token and group, torch._int_mm per group)")
     table.notes.append("int8, torch.ao: torch.ao.quantization.quantize_dynamic on every nn.Linear of both models "
                        "(fbgemm/onednn, per-tensor activation scales), quantize_dynamic_int8 adding the "
-                       "block-diagonal layers as above")
-    table.notes.append("last row: the int8 block-diagonal layers alone (timm_scheme's kernel), every nn.Linear "
-                       "fp32, against the fp32 dense model")
+                       "block-diagonal layers (the same int8 weights, torch.ao's dynamic Linear op per group)")
+    table.notes.append("last row: the block-diagonal layers alone int8 (quantize_dynamic_int8, linear=False), "
+                       "every nn.Linear fp32, against the fp32 dense model")
     table.notes.append("patch embedding, attention matmuls, norms and GELU stay fp32 in every row")
     return table

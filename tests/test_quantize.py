@@ -126,15 +126,80 @@ def test_int_mm_shape_rules_and_the_exact_fallback(monkeypatch):
     assert Q.int8_mm(a, b).dtype == torch.int32
 
 
+def _dynamic_reference(x2d, layer):
+    """torch.ao's dynamic Linear from its definition, per group: the group's input quantized per call to
+    7-bit unsigned with a zero point (torch.quantize_per_tensor_dynamic, reduce_range as torch.ao's Linear
+    passes it), the layer's int8 weights, integer products in float64, rescaled."""
+    groups, out_g, in_g = layer.weight_int8.shape
+    outs = []
+    for i, xi in enumerate(x2d.float().chunk(groups, -1)):
+        qx = torch.quantize_per_tensor_dynamic(xi.contiguous(), torch.quint8, True)
+        x_int = qx.int_repr().double() - qx.q_zero_point()
+        products = x_int @ layer.weight_int8[i].double().T
+        y = products * qx.q_scale() * layer.weight_scale[i].double()
+        outs.append(y + layer.bias[i * out_g:(i + 1) * out_g].double() if layer.bias is not None else y)
+    return torch.cat(outs, -1)
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv1x1"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dynamic_layer_is_torch_ao_dynamic_linear_per_group(conv, bias):
+    """The torch.ao route's layer: the same int8 weights as Int8BlockDiagonalLinear, each group through torch.ao's
+    own dynamic Linear (bit for bit) and close to a re-computation from the definition."""
+    layer = _float_layer(conv, 64, 96, 4, bias)
+    qlayer = Q.DYNAMIC_INT8_MODULES[type(layer)].from_float(layer)
+    assert torch.equal(qlayer.weight_int8, Q.INT8_MODULES[type(layer)].from_float(layer).weight_int8)
+    if conv:
+        x = torch.randn(2, 64, 5, 3)
+        x2d = x.permute(0, 2, 3, 1).reshape(-1, 64)
+    else:
+        x = torch.randn(3, 7, 64) * torch.rand(3, 7, 1) * 4
+        x2d = x.reshape(-1, 64)
+    y = qlayer(x)
+    assert y.shape == layer(x).shape and y.dtype == x.dtype
+    y2d = y.permute(0, 2, 3, 1).reshape(-1, 96) if conv else y.reshape(-1, 96)
+    assert _rel(_dynamic_reference(x2d, qlayer), y2d) < 1e-5
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    per_group = []
+    for i, xi in enumerate(x2d.chunk(4, -1)):
+        ao = DynamicLinear(16, 24, bias_=bias)
+        qweight = torch._make_per_channel_quantized_tensor(
+            qlayer.weight_int8[i], qlayer.weight_scale[i].double(), torch.zeros(24, dtype=torch.long), 0)
+        ao.set_weight_bias(qweight, layer.bias.detach()[i * 24:(i + 1) * 24] if bias else None)
+        per_group.append(ao(xi.contiguous()))
+    assert torch.equal(torch.cat(per_group, -1), y2d)
+    with torch.no_grad():
+        rel = float((y - layer(x)).norm() / layer(x).norm())
+    assert rel < 0.03, rel  # measured 0.7%
+
+
+def test_dynamic_layer_repacks_when_its_weights_change(monkeypatch):
+    layer, other = BlockDiagonalLinear(32, 48, 4), BlockDiagonalLinear(32, 48, 4)
+    qlayer = Q.DynamicInt8BlockDiagonalLinear.from_float(layer)
+    qother = Q.DynamicInt8BlockDiagonalLinear.from_float(other)
+    x = torch.randn(6, 32)
+    y = qlayer(x)
+    for copied in (copy.deepcopy(qlayer), pickle.loads(pickle.dumps(qlayer))):
+        assert torch.equal(copied(x), y)
+    qlayer.load_state_dict(qother.state_dict())  # packed weights are not state: rebuilt from the loaded buffers
+    assert torch.equal(qlayer(x), qother(x)) and not torch.equal(qlayer(x), y)
+    assert set(qlayer.state_dict()) == {"weight_int8", "weight_scale", "bias"}
+    # where torch.ao's op cannot run (another device), the layer runs the per-token int8 kernel
+    monkeypatch.setattr(Q, "dynamic_gemm_ok", lambda x: False)
+    assert torch.equal(qlayer(x), Q.Int8BlockDiagonalLinear.from_float(other)(x))
+
+
+@pytest.mark.parametrize("modules", ["INT8_MODULES", "DYNAMIC_INT8_MODULES"])
 @pytest.mark.parametrize("options", [{}, {"channel_shuffle": True}, {"gated": True}, {"use_conv": True},
                                      {"use_conv": True, "channel_shuffle": True}],
                          ids=["plain", "shuffle", "gated", "conv", "conv-shuffle"])
-def test_int8_mixer_kernel_is_the_two_int8_layers(options):
-    """Int8SchemeMlp's token-tiled kernel computes what its two int8 layers compute one after the other."""
+def test_int8_mixer_kernel_is_the_two_int8_layers(options, modules):
+    """Int8SchemeMlp's kernels compute what its two int8 layers compute one after the other."""
     mixer = SchemeMlp(32, 128, groups=4, cca=False, **options).eval()
     qmixer = copy.deepcopy(mixer)
-    qmixer.fc1 = Q.INT8_MODULES[type(mixer.fc1)].from_float(mixer.fc1)
-    qmixer.fc2 = Q.INT8_MODULES[type(mixer.fc2)].from_float(mixer.fc2)
+    qmixer.fc1 = getattr(Q, modules)[type(mixer.fc1)].from_float(mixer.fc1)
+    qmixer.fc2 = getattr(Q, modules)[type(mixer.fc2)].from_float(mixer.fc2)
     assert Q.convert_int8_mixers(qmixer) == 1 and type(qmixer) is Q.Int8SchemeMlp
     x = torch.randn(2, 32, 5, 7) if options.get("use_conv") else torch.randn(3, 50, 32)
     with torch.no_grad():
@@ -142,7 +207,8 @@ def test_int8_mixer_kernel_is_the_two_int8_layers(options):
         layered = qmixer.fc2(qmixer.fc2_input(x))
         y = mixer(x)
     assert torch.equal(fused, layered)
-    assert float((fused - y).norm() / y.norm()) < 0.02  # measured 0.9%
+    # measured: per-token activations 0.9%, torch.ao's per-call 7-bit ones 1.7-2.1% (gated 4.7%)
+    assert float((fused - y).norm() / y.norm()) < (0.02 if modules == "INT8_MODULES" else 0.07)
 
 
 def _fused_deit():
@@ -159,8 +225,9 @@ def _float_layers(model):
             and not (type(m) is nn.Linear and type(m.weight).__name__ == "Int8Tensor")]
 
 
-# relative error of the logits (norm), random weights and inputs; measured at seeds 0-3: torch.ao 2.7-3.9%
-# (its Linear quantizes activations per tensor, 7-bit on x86), torchao 1.5-2.2%, block-diagonal layers alone 1.0-1.3%
+# relative error of the logits (norm), random weights and inputs; measured at seeds 0-3: torch.ao 3.4-4.2%
+# (its Linear quantizes activations per tensor, 7-bit on x86), torchao 1.5-2.2%; block-diagonal layers alone: torch.ao
+# (per call and group) 1.9-2.8%, torchao (per token and group) 1.0-1.3%
 ENTRY_POINTS = {
     "torch.ao": (lambda m, **kw: Q.quantize_dynamic_int8(m, **kw), 0.08),
     "torchao": (lambda m, **kw: Q.quantize_int8(copy.deepcopy(m), **kw), 0.05),
@@ -182,6 +249,9 @@ def test_entry_points_quantize_every_linear_layer(entry):
     # below shows it costs no accuracy there
     assert _float_layers(quantized) == []
     assert sum(isinstance(m, Q.Int8BlockDiagonalLinear) for m in quantized.modules()) == 4
+    # torch.ao's route runs torch.ao's dynamic Linear per group, torchao's the per-token int8 layers
+    dynamic = sum(isinstance(m, Q.DynamicInt8BlockDiagonalLinear) for m in quantized.modules())
+    assert dynamic == (4 if entry == "torch.ao" else 0)
     assert all(type(m) is Q.Int8SchemeMlp for m in timm_scheme.scheme_mixers(quantized).values())
     assert len(_float_layers(model)) == 4 + 4 + 1  # the float model is left as it was
     rel = float((out - ref).norm() / ref.norm())
@@ -193,7 +263,7 @@ def test_entry_points_quantize_every_linear_layer(entry):
         partial = quantize(model, linear=False)
         rel_bd = float((partial(x) - ref).norm() / ref.norm())
     assert sorted(_float_layers(partial)) == sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
-    assert rel_bd < 0.03
+    assert rel_bd < (0.05 if entry == "torch.ao" else 0.03)
 
 
 def test_torchao_config_and_handler():

@@ -1,5 +1,5 @@
 """The checks of timm's own model test suite (``tests/test_models.py`` of the timm repository), run on every
-SCHEMEformer variant and on patched DeiT, Swin and CAFormer, fused and unfused: forward (and with gradient
+SCHEMEformer variant and on patched DeiT, Swin, CAFormer and PVTv2 (an adapted family), fused and unfused: forward (and with gradient
 checkpointing), backward (every parameter gets a gradient), the model API timm's factories rely on (default
 cfg, classifier reset, pre-logits, feature info), features_only, forward_intermediates, TorchScript, and FX
 forward, backward and FX-then-TorchScript with timm's leaf modules.
@@ -32,14 +32,25 @@ pytestmark = [
 ]
 
 SCHEMEFORMERS = [name for name in timm.list_models("schemeformer_*")]
-PATCHED = {"deit_tiny_patch16_224": 2, "swin_tiny_patch4_window7_224": (2, 1, 1, 1), "caformer_s18": 1}
+PATCHED = {"deit_tiny_patch16_224": 2, "swin_tiny_patch4_window7_224": (2, 1, 1, 1), "caformer_s18": 1,
+           "pvt_v2_b0": 1}
 # SCHEMEformer input sizes of the checks (timm's tests use 96-128): the smallest that keep every stage at least
 # 1x1 (S24 and S36, two and three times deeper, at the 1x1 limit)
 
 
+# patched here only: PVTv2's own MLP class, read through an adapter (the other test files expect timm.layers' MLPs)
+ADAPTED = {"pvt_v2_b0": ({}, 64)}
+
+
+def _base(key: str, **kwargs) -> nn.Module:
+    if key in ADAPTED:
+        return timm.create_model(key, pretrained=False, **{"num_classes": 10, **ADAPTED[key][0], **kwargs})
+    return create(key, **kwargs)
+
+
 def _patched(key: str, fused: bool) -> Callable[..., nn.Module]:
     def build(**kwargs) -> nn.Module:
-        model = scheme_patch(shallow(create(key, drop_path_rate=0.0, **kwargs), PATCHED[key]), groups=4, expansion=8,
+        model = scheme_patch(shallow(_base(key, drop_path_rate=0.0, **kwargs), PATCHED[key]), groups=4, expansion=8,
                              cca=True)
         if fused:
             with warnings.catch_warnings():
@@ -68,7 +79,8 @@ for _name in SCHEMEFORMERS:
     MODELS[f"{_name}-fused"] = (_schemeformer(_name, True), _size)
 for _key in PATCHED:
     for _fused in (False, True):
-        MODELS[f"{_key}-{'fused' if _fused else 'unfused'}"] = (_patched(_key, _fused), ARCHITECTURES[_key][1])
+        MODELS[f"{_key}-{'fused' if _fused else 'unfused'}"] = (_patched(_key, _fused),
+                                                               {**ARCHITECTURES, **ADAPTED}[_key][1])
 
 # the deeper S24 and S36 variants run in the slow set (CI runs it)
 PARAMS = [pytest.param(k, marks=pytest.mark.slow) if "_s24_" in k or "_s36_" in k else k for k in MODELS]

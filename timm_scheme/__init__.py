@@ -10,7 +10,8 @@ from .config import SchemeConfig
 from .fuse import FuseReport, FuseVerificationError, fuse_for_inference
 from .mixers import cca_in_eval, cca_weights, is_fused, is_patched, scheme_mixers, set_cca_limit
 from .schedule import CcaSchedule, cca_anneal_limit
-from .layers import BlockDiagonalConv1x1, BlockDiagonalLinear, ChannelCovarianceAttention, SchemeMlp
+from .layers import AdaptedSchemeMlp, BlockDiagonalConv1x1, BlockDiagonalLinear, ChannelCovarianceAttention, SchemeMlp
+from .adapters import MlpAdapter, mlp_adapters, register_mlp_adapter, unregister_mlp_adapter
 from .patch import find_mlps, scheme_patch
 from . import models  # registers the SCHEMEformer family in timm's model registry
 from .io import export_onnx, export_torchscript, from_pretrained, push_to_hub, save_pretrained  # also registers the checkpoint architecture
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SchemeConfig", "CcaSchedule", "scheme_patch", "find_mlps", "is_patched", "is_fused", "fuse_for_inference",
     "FuseReport", "FuseVerificationError", "cca_weights", "set_cca_limit", "cca_anneal_limit", "cca_in_eval",
-    "scheme_mixers", "SchemeMlp", "BlockDiagonalLinear", "BlockDiagonalConv1x1", "ChannelCovarianceAttention",
+    "scheme_mixers", "SchemeMlp", "AdaptedSchemeMlp", "MlpAdapter", "register_mlp_adapter", "unregister_mlp_adapter",
+    "mlp_adapters", "BlockDiagonalLinear", "BlockDiagonalConv1x1", "ChannelCovarianceAttention",
     "save_pretrained", "push_to_hub", "from_pretrained", "export_onnx", "export_torchscript",
 ]

@@ -114,17 +114,11 @@ def dense_weights(module: nn.Module, name: str = "") -> DenseMlpWeights:
     """The weights of a timm MLP (``timm_mlps.read_mlp``) as (out, in) matrices."""
     layout = read_mlp(name, module)
     first, second = layout.fc1[0], (layout.fc1[1] if len(layout.fc1) > 1 else None)
-    tensors = [first.weight, module.fc2.weight] + ([second.weight] if second is not None else [])
-    for t in tensors:
-        if t.is_meta or not torch.isfinite(t).all():
-            raise ValueError(
-                f"scheme_patch(init='dense'): layer '{name}' has no weights to convert ("
-                f"{'meta-device' if t.is_meta else 'non-finite'} tensor of shape {tuple(t.shape)}); load the "
-                "pretrained weights first (timm.create_model(..., pretrained=True)) or use init='random'")
-    w1, b1 = _matrix(first.weight), first.bias
-    w2, b2 = _matrix(module.fc2.weight), module.fc2.bias
+    check_convertible(name, [first.weight, module.fc2.weight] + ([second.weight] if second is not None else []))
+    w1, b1 = matrix(first.weight), first.bias
+    w2, b2 = matrix(module.fc2.weight), module.fc2.bias
     if second is not None:
-        return DenseMlpWeights(w1, _matrix(second.weight), b1, second.bias, w2, b2)
+        return DenseMlpWeights(w1, matrix(second.weight), b1, second.bias, w2, b2)
     if layout.gated:  # one fc1 holding both halves of every unit (GluMlp)
         hidden = w1.shape[0] // 2
         halves_b = (None, None) if b1 is None else (b1[:hidden], b1[hidden:])
@@ -132,7 +126,17 @@ def dense_weights(module: nn.Module, name: str = "") -> DenseMlpWeights:
     return DenseMlpWeights(w1, None, b1, None, w2, b2)
 
 
-def _matrix(weight: torch.Tensor) -> torch.Tensor:
+def check_convertible(name: str, weights: List[torch.Tensor]) -> None:
+    """A clear error for weights there is nothing to convert from (meta device, non-finite)."""
+    for t in weights:
+        if t.is_meta or not torch.isfinite(t).all():
+            raise ValueError(
+                f"scheme_patch(init='dense'): layer '{name}' has no weights to convert ("
+                f"{'meta-device' if t.is_meta else 'non-finite'} tensor of shape {tuple(t.shape)}); load the "
+                "pretrained weights first (timm.create_model(..., pretrained=True)) or use init='random'")
+
+
+def matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(weight.shape[0], weight.shape[1])  # 1x1 conv (out, in, 1, 1) -> (out, in)
 
 

@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from .config import SchemeConfig
-from .convert import CalibrationData, init_from_dense
+from .convert import CalibrationData, InitReport, init_from_dense
+from .convert_adapted import init_adapted_from_dense
 from .layers import SchemeMlp
 from .mixers import is_patched
+from .adapters import AdaptedLayout, adapter_for, build_adapted, mlp_adapters, read_adapted
 from .timm_mlps import SUPPORTED_MLP_TYPES, MlpLayout, is_timm_mlp, read_mlp
 
 _logger = logging.getLogger(__name__)
@@ -96,10 +98,12 @@ def scheme_patch(
     if not targets:
         raise ValueError(
             f"scheme_patch: found no MLP to patch in {type(model).__name__}; supported types are "
-            f"{[t.__name__ for t in SUPPORTED_MLP_TYPES]} from timm.layers (classifier heads and MLPs "
-            "rejected by filter_fn are skipped)")
+            f"{[t.__name__ for t in SUPPORTED_MLP_TYPES]} from timm.layers and the classes with an adapter "
+            f"({len(mlp_adapters())} registered; timm_scheme.register_mlp_adapter teaches it yours). Classifier "
+            "heads and MLPs rejected by filter_fn are skipped")
     # validate everything before changing anything, so a bad option leaves the model as it was
-    specs = [read_mlp(name, module) for name, module in targets]
+    specs = [_read(name, module) for name, module in targets]
+    _check_adapted_options(specs, config)
     plans, skipped = [], {}
     for spec in specs:
         hidden = _hidden_width(spec, config)
@@ -118,9 +122,7 @@ def scheme_patch(
     replacements = [(spec.name, _build(spec, hidden, config)) for spec, hidden in plans]
     init_report = None
     if config.init == "dense":  # reads the dense MLPs (and may run the model), so before any replacement
-        modules = dict(targets)
-        init_report = init_from_dense(
-            model, [(name, modules[name], new) for name, new in replacements], config.groups, calibration_data)
+        init_report = _init_from_dense(model, plans, replacements, config, calibration_data)
 
     for name, new in replacements:
         _set_submodule(model, name, new)
@@ -149,13 +151,47 @@ def patch_structure(model: nn.Module, config: SchemeConfig, filter_fn: Optional[
     return model
 
 
+def _read(name: str, module: nn.Module):
+    adapter = adapter_for(module, name)
+    return read_mlp(name, module) if adapter is None else read_adapted(name, module, adapter)
+
+
+def _check_adapted_options(specs: list, config: SchemeConfig) -> None:
+    adapted = [s for s in specs if isinstance(s, AdaptedLayout)]
+    if not adapted:
+        return
+    where = f"layer '{adapted[0].name}' ({type(adapted[0].module).__name__}, read through an adapter)"
+    if config.channel_shuffle:
+        raise ValueError(f"scheme_patch: channel_shuffle needs timm.layers' MLP classes, not {where}; patch without "
+                         "it, or filter_fn to leave such layers out")
+
+
+def _init_from_dense(model: nn.Module, plans: list, replacements: list, config: SchemeConfig,
+                     calibration_data: Optional[CalibrationData]) -> InitReport:
+    """timm's MLPs through ``convert.init_from_dense`` (calibrated when given images), adapted ones through
+    ``convert_adapted`` (weight energy)."""
+    specs = {spec.name: spec for spec, _ in plans}
+    timm_layers = [(name, specs[name].module, new) for name, new in replacements
+                   if not isinstance(specs[name], AdaptedLayout)]
+    adapted = [(specs[name], new) for name, new in replacements if isinstance(specs[name], AdaptedLayout)]
+    report = init_from_dense(model, timm_layers, config.groups, calibration_data) if timm_layers else InitReport()
+    if adapted and calibration_data is not None:
+        _logger.warning("SCHEME init='dense': layers read through an adapter keep the weight-energy assignment, "
+                        "without calibration: %s", [spec.name for spec, _ in adapted][:4])
+    for spec, new in adapted:
+        report.layers[spec.name] = init_adapted_from_dense(spec, new)
+    return report
+
+
 def find_mlps(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> List[Tuple[str, nn.Module]]:
-    """The (name, module) pairs ``scheme_patch`` would replace."""
+    """The (name, module) pairs ``scheme_patch`` would replace: timm.layers' MLPs and the classes with an
+    adapter (``register_mlp_adapter``)."""
     head_prefixes = _classifier_prefixes(model)
     excluded_prefixes = [n for n, m in model.named_modules() if n and _is_non_mixer_parent(type(m).__name__)]
     found = []
     for name, module in model.named_modules():
-        if not is_timm_mlp(module) or name.rpartition(".")[2] in TOKEN_MIXER_NAMES:
+        if not (is_timm_mlp(module) or adapter_for(module, name) is not None) \
+                or name.rpartition(".")[2] in TOKEN_MIXER_NAMES:
             continue
         if any(name.startswith(p + ".") for p in excluded_prefixes):
             continue
@@ -219,7 +255,9 @@ def _divisors_of_all(*widths: int) -> List[int]:
     return [d for d in range(1, min(widths) + 1) if all(w % d == 0 for w in widths)][:8]
 
 
-def _build(spec: MlpLayout, hidden: int, config: SchemeConfig) -> SchemeMlp:
+def _build(spec, hidden: int, config: SchemeConfig) -> SchemeMlp:
+    if isinstance(spec, AdaptedLayout):
+        return build_adapted(spec, hidden, config)
     use_cca = config.cca and spec.in_features == spec.out_features
     new = SchemeMlp(
         spec.in_features, hidden, spec.out_features,

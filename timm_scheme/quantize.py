@@ -2,9 +2,11 @@
 
 ``Int8BlockDiagonalLinear`` / ``Int8BlockDiagonalConv1x1`` hold symmetric int8 weights, one scale per group and
 output channel, and quantize their input at run time, one scale per token and group; each group's product is an
-int8 x int8 -> int32 GEMM (``torch._int_mm``), rescaled to float. Two ways in, for the two quantization stacks:
+int8 x int8 -> int32 GEMM (``torch._int_mm``), rescaled to float. Their ``DynamicInt8...`` twins keep the same
+weights and run torch.ao's dynamic int8 Linear on each group (per-call activation scales, the steps around the
+GEMM fused in C++: the faster form on CPU). Two ways in, for the two quantization stacks:
 
-    model = timm_scheme.quantize.quantize_dynamic_int8(fused)   # torch.ao.quantization.quantize_dynamic
+    model = timm_scheme.quantize.quantize_dynamic_int8(fused)   # torch.ao.quantization.quantize_dynamic (Dynamic...)
     timm_scheme.quantize.quantize_int8(fused)                   # torchao.quantize_, in place
 
 Both also quantize the model's nn.Linear layers (torch.ao's dynamic Linear, torchao's
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Type
 
@@ -267,9 +270,110 @@ class Int8BlockDiagonalConv1x1(Int8BlockDiagonalLinear):
         return y.permute(0, 3, 1, 2).contiguous()  # NCHW-contiguous, like the float layer's output
 
 
+# --- torch.ao's dynamic int8 Linear, one per group ----------------------------------------------------------
+
+def dynamic_gemm_ok(x: torch.Tensor) -> bool:
+    """torch.ao's dynamic int8 Linear op runs on ``x``: a CPU tensor and a quantized engine (fbgemm / x86,
+    onednn or qnnpack), as for torch.ao's own dynamic Linear."""
+    return x.device.type == "cpu" and torch.backends.quantized.engine != "none"
+
+
+def _linear_dynamic(x: torch.Tensor, packed) -> torch.Tensor:
+    # reduce_range=True: what torch.ao's dynamic Linear passes (7-bit activations on x86, so no int16
+    # accumulation in fbgemm's kernels saturates)
+    return torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
+@torch.no_grad()
+def dynamic_block_diagonal_linear(x: torch.Tensor, layer: "DynamicInt8BlockDiagonalLinear") -> torch.Tensor:
+    """Channels-last ``x`` through ``layer``: each group's slice through torch.ao's dynamic int8 Linear."""
+    packed = layer.packed_groups()
+    y = torch.cat([_linear_dynamic(xi, p) for xi, p in zip(x.float().chunk(layer.groups, -1), packed)], -1)
+    return y.to(x.dtype)
+
+
+@torch.no_grad()
+def dynamic_block_diagonal_mlp(x: torch.Tensor, fc1: "DynamicInt8BlockDiagonalLinear",
+                               fc2: "DynamicInt8BlockDiagonalLinear", hidden_fn, shuffle: bool = False) -> torch.Tensor:
+    """fc2(hidden_fn(fc1(x))) for channels-last ``x``, group by group, so one group's hidden activations are
+    alive at a time (all of them with ``shuffle``, where fc2 group j reads chunk j of every fc1 group): the
+    same bits as the two layers one after the other. ``hidden_fn`` acts on one group's (rows, fc1_out //
+    groups) slice of fc1's output and may overwrite it."""
+    groups = fc1.groups
+    p1, p2 = fc1.packed_groups(), fc2.packed_groups()
+    x2d = x.reshape(-1, x.shape[-1]).float()
+    if shuffle:
+        hidden = [hidden_fn(_linear_dynamic(xi, p)) for xi, p in zip(x2d.chunk(groups, -1), p1)]
+        pieces = [h.chunk(groups, -1) for h in hidden]
+        outs = [_linear_dynamic(torch.cat([piece[j] for piece in pieces], -1), p2[j]) for j in range(groups)]
+    else:
+        outs = [_linear_dynamic(hidden_fn(_linear_dynamic(xi, a)), b)
+                for xi, a, b in zip(x2d.chunk(groups, -1), p1, p2)]
+    return torch.cat(outs, -1).to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+class DynamicInt8BlockDiagonalLinear(Int8BlockDiagonalLinear):
+    """The torch.ao route's int8 block-diagonal layer: the int8 weights of :class:`Int8BlockDiagonalLinear`,
+    and each group's product is torch.ao's dynamic int8 Linear (``torch.ops.quantized.linear_dynamic``: the
+    group's input quantized per call, asymmetric and 7-bit as torch.ao's Linear does; GEMM and rescale fused
+    in C++). CPU only, like torch.ao's Linear; elsewhere it runs its parent's ``torch._int_mm`` kernel."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._packed, self._packed_key = None, None
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()  # packed weights are rebuilt from the buffers, not copied
+        state["_packed"], state["_packed_key"] = None, None
+        return state
+
+    def packed_groups(self) -> list:
+        """One packed int8 weight (and float bias) per group, built from the buffers on first use and again
+        whenever they change (loaded, moved or written)."""
+        tensors = [t for t in (self.weight_int8, self.weight_scale, self.bias) if t is not None]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if key != self._packed_key:
+            self._packed = [self._pack(i) for i in range(self.groups)]
+            self._packed_key = key
+        return self._packed
+
+    def _pack(self, group: int):
+        weight = self.weight_int8[group].cpu()
+        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+        bias = None if self.bias is None else self.bias.float().cpu().chunk(self.groups)[group].contiguous()
+        with warnings.catch_warnings():  # quantized tensors are announced deprecated; torch.ao's Linear uses them
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(
+                weight, self.weight_scale[group].double().cpu(), zero_points, 0)
+            return torch.ops.quantized.linear_prepack(qweight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not dynamic_gemm_ok(x):
+            return super().forward(x)
+        return dynamic_block_diagonal_linear(x, self)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}, "
+                f"bias={self.bias is not None}, int8 weights per group and channel, torch.ao's dynamic int8 "
+                f"Linear per group")
+
+
+class DynamicInt8BlockDiagonalConv1x1(DynamicInt8BlockDiagonalLinear):
+    """int8 form of :class:`~timm_scheme.layers.BlockDiagonalConv1x1` for the torch.ao route (NCHW input)."""
+    _FLOAT = BlockDiagonalConv1x1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+
+
 INT8_MODULES: Dict[Type[nn.Module], Type[Int8BlockDiagonalLinear]] = {
     BlockDiagonalLinear: Int8BlockDiagonalLinear,
     BlockDiagonalConv1x1: Int8BlockDiagonalConv1x1,
+}
+# the torch.ao route's twins: torch.ao's dynamic int8 Linear per group
+DYNAMIC_INT8_MODULES: Dict[Type[nn.Module], Type[DynamicInt8BlockDiagonalLinear]] = {
+    BlockDiagonalLinear: DynamicInt8BlockDiagonalLinear,
+    BlockDiagonalConv1x1: DynamicInt8BlockDiagonalConv1x1,
 }
 
 
@@ -285,6 +389,14 @@ class Int8SchemeMlp(SchemeMlp):
     def bd_mlp(self, x: torch.Tensor) -> torch.Tensor:
         if tracing() or torch.jit.is_scripting() or not self.int8_kernel_ok():
             return self.drop2(self.fc2(self.fc2_input(x)))  # layer by layer, through the modules
+        dynamic = all(isinstance(m, DynamicInt8BlockDiagonalLinear) for m in (self.fc1, self.fc2))
+        if dynamic and dynamic_gemm_ok(x):
+            if self.use_conv:
+                y = dynamic_block_diagonal_mlp(x.permute(0, 2, 3, 1), self.fc1, self.fc2, self.group_hidden,
+                                               self.channel_shuffle)
+                return self.drop2(y.permute(0, 3, 1, 2).contiguous())
+            return self.drop2(dynamic_block_diagonal_mlp(x, self.fc1, self.fc2, self.group_hidden,
+                                                         self.channel_shuffle))
         if self.use_conv:  # NCHW: the token kernel on the channels-last view, like the int8 conv layer
             y = int8_block_diagonal_mlp(x.permute(0, 2, 3, 1), self.fc1, self.fc2, self.group_hidden,
                                         self.channel_shuffle)
@@ -309,9 +421,9 @@ def convert_int8_mixers(model: nn.Module) -> int:
     ``INT8_MODULES``. Returns how many mixers it converted."""
     converted = 0
     for name, mixer in scheme_mixers(model).items():
-        if type(mixer) is Int8SchemeMlp or not any(isinstance(m, Int8BlockDiagonalLinear)
+        if type(mixer) is not SchemeMlp or not any(isinstance(m, Int8BlockDiagonalLinear)
                                                    for m in (mixer.fc1, mixer.fc2)):
-            continue
+            continue  # converted already, or an adapted mixer (its family's forward calls the int8 layers)
         if mixer.has_cca:
             raise ValueError(f"convert_int8_mixers: {name!r} still has its CCA branch; fuse before quantizing")
         mixer.__class__ = Int8SchemeMlp  # same state, the int8-aware forward; still a SchemeMlp
@@ -321,15 +433,15 @@ def convert_int8_mixers(model: nn.Module) -> int:
 
 def quantize_dynamic_int8(model: nn.Module, *, linear: bool = True, inplace: bool = False) -> nn.Module:
     """torch.ao route: ``torch.ao.quantization.quantize_dynamic`` with the block-diagonal layers mapped to
-    their int8 twins and (``linear=True``) nn.Linear to torch.ao's dynamic int8 Linear (fbgemm/onednn, CPU
-    only: per-tensor activation scales). Returns the quantized model, a copy unless ``inplace`` (torch.ao's
+    ``DYNAMIC_INT8_MODULES`` (torch.ao's dynamic int8 Linear per group) and (``linear=True``) nn.Linear to
+    torch.ao's dynamic int8 Linear (fbgemm/onednn, CPU only: per-tensor activation scales). Returns the quantized model, a copy unless ``inplace`` (torch.ao's
     convention). torch.ao.quantization is deprecated in favour of torchao: see ``quantize_int8``."""
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
     from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
 
     check_fused(model)
-    qconfig_spec = {kind: default_dynamic_qconfig for kind in INT8_MODULES}
-    mapping = {**get_default_dynamic_quant_module_mappings(), **INT8_MODULES}
+    qconfig_spec = {kind: default_dynamic_qconfig for kind in DYNAMIC_INT8_MODULES}
+    mapping = {**get_default_dynamic_quant_module_mappings(), **DYNAMIC_INT8_MODULES}
     if linear:
         qconfig_spec[nn.Linear] = default_dynamic_qconfig
     model = quantize_dynamic(model, qconfig_spec=qconfig_spec, mapping=mapping, inplace=inplace)
@@ -401,6 +513,7 @@ def quantize_int8(model: nn.Module, *, linear: bool = True) -> nn.Module:
 __all__ = [
     "Int8BlockDiagonalLinear", "Int8BlockDiagonalConv1x1", "Int8SchemeMlp",
     "quantize_dynamic_int8", "quantize_int8", "convert_int8_mixers", "check_fused", "is_block_diagonal",
-    "INT8_MODULES", "quantize_per_row", "quantize_weight", "int8_mm", "int_mm_supported",
+    "INT8_MODULES", "DYNAMIC_INT8_MODULES", "DynamicInt8BlockDiagonalLinear", "DynamicInt8BlockDiagonalConv1x1",
+    "dynamic_block_diagonal_linear", "dynamic_block_diagonal_mlp", "quantize_per_row", "quantize_weight", "int8_mm", "int_mm_supported",
     "int8_block_diagonal_linear", "int8_block_diagonal_mlp",
 ]

@@ -1,6 +1,8 @@
 """Pure nn.Modules of SCHEME: no knowledge of any model."""
+from .adapted import AdaptedSchemeMlp
 from .block_diagonal import BlockDiagonalConv1x1, BlockDiagonalLinear
 from .cca import ChannelCovarianceAttention
 from .mlp import SchemeMlp
 
-__all__ = ["BlockDiagonalLinear", "BlockDiagonalConv1x1", "ChannelCovarianceAttention", "SchemeMlp"]
+__all__ = ["BlockDiagonalLinear", "BlockDiagonalConv1x1", "ChannelCovarianceAttention", "SchemeMlp",
+           "AdaptedSchemeMlp"]

@@ -29,6 +29,24 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
+@torch.no_grad()
+def scale_affine_(module: nn.Module, factor: torch.Tensor) -> None:
+    """Multiply an affine module's output by ``factor``, in place: its weight and bias (a projection, or the
+    affine part of a norm in eval mode), computed in at least float32."""
+    for t in (module.weight, module.bias):
+        if t is not None:
+            t.copy_((t.float() * factor).to(t.dtype))
+
+
+def check_mixing(kind: str, in_features: int, out_features: int, cca: bool, alpha_init: float) -> None:
+    if cca and in_features != out_features:
+        raise ValueError(
+            f"{kind}: CCA needs in_features == out_features (got {in_features} -> {out_features}); "
+            "pass cca=False for this layer")
+    if not 0.0 < alpha_init < 1.0:
+        raise ValueError(f"{kind}: alpha_init={alpha_init} must lie strictly between 0 and 1")
+
+
 def _is_sharded(t: Optional[torch.Tensor]) -> bool:
     """A parameter split across ranks (a DTensor, as FSDP2's fully_shard leaves it between forwards)."""
     return DTensor is not None and isinstance(t, DTensor)
@@ -85,12 +103,7 @@ class SchemeMlp(nn.Module):
             raise ValueError(
                 f"SchemeMlp: channel_shuffle needs hidden_features={hidden_features} to be a multiple of groups**2="
                 f"{groups * groups} (each fc1 group sends an equal share to every fc2 group)")
-        if cca and in_features != out_features:
-            raise ValueError(
-                f"SchemeMlp: CCA needs in_features == out_features (got {in_features} -> {out_features}); "
-                "pass cca=False for this layer")
-        if not 0.0 < alpha_init < 1.0:
-            raise ValueError(f"SchemeMlp: alpha_init={alpha_init} must lie strictly between 0 and 1")
+        check_mixing(type(self).__name__, in_features, out_features, cca, alpha_init)
         linear_layer = BlockDiagonalConv1x1 if use_conv else BlockDiagonalLinear
         self.use_conv = use_conv
         self.groups = groups
@@ -107,7 +120,12 @@ class SchemeMlp(nn.Module):
         self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
         self.fc2 = linear_layer(hidden_features, out_features, groups, bias=bias[1], **dd)
         self.drop2 = nn.Dropout(drop_probs[1])
+        self._init_mixing(hidden_features, cca, cca_scale, cca_normalize, alpha_init, cca_schedule, device)
 
+    def _init_mixing(self, hidden_features: int, cca: bool, cca_scale: Optional[float], cca_normalize: bool,
+                     alpha_init: float, cca_schedule: Optional[CcaSchedule], device) -> None:
+        """The CCA branch, its mixing logits and the schedule's state (shared with the adapted mixers)."""
+        use_conv = self.use_conv
         if cca:
             scale = hidden_features ** -0.5 if cca_scale is None else cca_scale
             self.cca = ChannelCovarianceAttention(scale, normalize=cca_normalize, channels_last=not use_conv)
@@ -344,7 +362,10 @@ class SchemeMlp(nn.Module):
 
     def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         """Standard ops only, what tracing, scripting and FX record; the last skip decision is kept."""
-        y = self.drop2(self.fc2(self.fc2_input(x)))
+        return self._mix_plain(x, self.drop2(self.fc2(self.fc2_input(x))))
+
+    def _mix_plain(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mixer's output from its input ``x`` and its MLP branch's output ``y``, in standard ops."""
         cca = self.cca
         if cca is None:
             return y
@@ -357,7 +378,11 @@ class SchemeMlp(nn.Module):
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         if tracing():
             return self._forward_plain(x)
-        y = self.bd_mlp(x)
+        return self._mix_eager(x, self.bd_mlp(x))
+
+    @torch.jit.unused
+    def _mix_eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``_mix_plain`` with the eager-only savings: CCA skipped once annealed out (or below the threshold)."""
         if self.cca is None:
             return y
         alpha, cca_weight = self.mixing_weights()
@@ -381,16 +406,16 @@ class SchemeMlp(nn.Module):
                 f"SchemeMlp.fuse: fc2 is wrapped ({type(self.fc2).__name__}), e.g. by LoRA adapters, and folding "
                 "alpha into its base weight would leave the adapter unscaled; merge the adapters first "
                 "(peft_model.merge_and_unload())")
-        alpha = self.mixing_weights()[0]
-        self.fc2.weight.copy_((self.fc2.weight.float() * alpha).to(self.fc2.weight.dtype))
-        if self.fc2.bias is not None:
-            self.fc2.bias.copy_((self.fc2.bias.float() * alpha).to(self.fc2.bias.dtype))
+        scale_affine_(self.fc2, self.mixing_weights()[0])
+        self._drop_cca()
+        return self
+
+    def _drop_cca(self) -> None:
         self.cca = None
         self.mix_logits = None
         for name in _SCHEDULE_BUFFERS:
             setattr(self, name, None)
         self._cca_skipped = False
-        return self
 
     def extra_repr(self) -> str:
         gate = f", gated=True, gate_last={self.gate_last}" if self.gated else ""
