@@ -37,6 +37,7 @@ class Plan:
     scaling: bool
     compile: bool
     memory: bool
+    adapted_models: Tuple[str, ...] = ("levit_128s", "efficientvit_m0", "tiny_vit_5m_224")
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
@@ -776,6 +777,35 @@ def scaling_tables(plan: Plan, settings: Settings, name: str = "deit_tiny_patch1
         gc.collect()
     model.notes.append("inference target at 224 px, batch 32: >= 1.3x; training target: <= 1.0x")
     return [mixer, model]
+
+
+# --- 6b. families read through adapters ---------------------------------------------------------------------
+
+def adapted_table(plan: Plan, settings: Settings) -> Table:
+    """Whole-model inference of families with their own MLP class: dense against fused SCHEME (g=4, E=8) with
+    the fused kernels (the adapter's declared structure, BatchNorms folded) and with the family's forward run
+    layer by layer."""
+    b = plan.batch
+    table = Table(f"Families read through adapters, inference, batch {b}, 224 px: dense (their E) vs fused SCHEME "
+                  "(g=4, E=8)", ["model", "dense ms", "SCHEME ms (fused kernels)", "SCHEME ms (layer by layer)",
+                                 "dense / SCHEME", "layer by layer / fused kernels"])
+    for name in plan.adapted_models:
+        torch.manual_seed(0)
+        x = torch.randn(b, 3, 224, 224)
+        dense = dense_model(name).eval()
+        scheme = fused(scheme_model(name))
+        layered = fused(scheme_model(name))
+        for mixer in timm_scheme.scheme_mixers(layered).values():
+            mixer.kernel_plan = None  # the family's own forward, each projection its own block-diagonal layer
+        t = compare({"dense": _no_grad(lambda: dense(x)), "scheme": _no_grad(lambda: scheme(x)),
+                     "layered": _no_grad(lambda: layered(x))}, settings)
+        table.add(name, ms(t["dense"]), ms(t["scheme"]), ms(t["layered"]), ratio(t, "dense", "scheme"),
+                  ratio(t, "layered", "scheme"))
+        gc.collect()
+    table.notes.append("fused kernels: SCHEME's token-tiled block-diagonal MLP kernel, the hidden and output "
+                       "BatchNorms folded into the projections (LeViT, EfficientViT-MSRA), or the input norm first "
+                       "(TinyViT); layer by layer: the family's forward with block-diagonal projections")
+    return table
 
 
 # --- 7. int8 quantization ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ FULL = cases.Plan(batch=32, train_batch=32, scaling=True, compile=True, memory=T
                   model_names=("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "caformer_s18",
                                "poolformer_s12", "schemeformer_ppaa_s12_224"))
 QUICK = cases.Plan(batch=8, train_batch=8, scaling=False, compile=False, memory=False,
-                   model_names=("deit_tiny_patch16_224",))
+                   model_names=("deit_tiny_patch16_224",), adapted_models=("levit_128s",))
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                         help="wall time, or process CPU time (steadier on a shared, busy machine)")
     parser.add_argument("--only", nargs="*", default=None,
                         choices=("kernels", "block", "shuffle", "models", "train", "compile", "scaling",
-                                 "quantized"),
+                                 "quantized", "adapted"),
                         help="run only these sections")
     parser.add_argument("--out", default=None,
                         help="write <out>.md and <out>.json (default for the full run: benchmarks/results/"
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
         "compile": lambda: [cases.compile_amp_table(plan, settings)] if plan.compile else [],
         "scaling": lambda: cases.scaling_tables(plan, settings) if plan.scaling else [],
         "quantized": lambda: [cases.quantized_table(plan, settings)],
+        "adapted": lambda: [cases.adapted_table(plan, settings)],
     }
     chosen = args.only or list(sections)
 

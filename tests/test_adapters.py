@@ -206,7 +206,8 @@ def test_applies_picks_where_a_class_is_an_mlp(registered):
     def only_named_ffn(module, name):
         return name.endswith("ffn") and len(module) == 3
 
-    register_mlp_adapter(nn.Sequential, fc1="0", fc2="2", applies=only_named_ffn)
+    builtin = timm_scheme.mlp_adapters()[nn.Sequential]  # LowFormer's and iFormer's, kept throughout
+    mine = register_mlp_adapter(nn.Sequential, fc1="0", fc2="2", applies=only_named_ffn)
     try:
         model = nn.Sequential()
         model.ffn = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
@@ -214,8 +215,9 @@ def test_applies_picks_where_a_class_is_an_mlp(registered):
         scheme_patch(model, groups=4, expansion=2)
         assert list(scheme_mixers(model)) == ["ffn"] and type(model.other[0]) is nn.Linear
     finally:
-        unregister_mlp_adapter(nn.Sequential)
+        unregister_mlp_adapter(nn.Sequential, mine)
     assert adapter_for(nn.Sequential(nn.Linear(2, 2)), "ffn") is None
+    assert timm_scheme.mlp_adapters()[nn.Sequential] == builtin
 
 
 def test_clipped_output_folds_its_bounds():
@@ -498,3 +500,86 @@ def test_dense_init_keeps_new_units_silent_and_refuses_what_cannot_move(register
             scheme_patch(_holder(Grouped()), groups=4, init="dense")
     finally:
         unregister_mlp_adapter(Grouped)
+
+
+# --- the fused kernels where the structure allows them -------------------------------------------------------
+
+def _random_norm_state(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize("family, size", [("levit_128s", 64), ("levit_conv_128s", 64), ("efficientvit_m0", 64),
+                                          ("fastvit_t8", 64), ("lowformer_b0", 64), ("iformer_t", 64)])
+def test_fused_kernels_compute_the_family_forward(family, size):
+    """Where the adapter declares pre -> fc1 -> [BatchNorm] -> act -> fc2 -> [BatchNorm], eval runs SCHEME's fused
+    kernel (BatchNorms folded): equal to the family's own forward, which it does not call."""
+    torch.manual_seed(0)
+    kwargs = dict(img_size=size) if family.startswith(("levit", "efficientvit_m")) else {}
+    model = timm.create_model(family, pretrained=False, num_classes=5, **kwargs)
+    scheme_patch(model, groups=4, expansion=8, cca=True)
+    _random_norm_state(model)
+    model.eval()
+    mixers = scheme_mixers(model)
+    assert all(m.kernel_plan is not None and m.fused_kernel_ok() for m in mixers.values())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        want = model(x)
+        for mixer in mixers.values():  # the family's forward, layer by layer, as reference
+            mixer.kernel_plan, mixer.saved_plan = None, mixer.kernel_plan
+        reference = model(x)
+        for mixer in mixers.values():
+            mixer.kernel_plan = mixer.saved_plan
+            mixer.inner.forward = None  # the fused path must not call it
+        torch.testing.assert_close(model(x), reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(want, reference, rtol=1e-4, atol=1e-5)
+    model.train()  # folded BatchNorms on batch statistics: the family's forward again
+    folded = [m for m in mixers.values() if m.kernel_plan[2] or m.kernel_plan[3]]
+    assert not any(m.fused_kernel_ok() for m in folded) and (folded or family in ("fastvit_t8", "lowformer_b0"))
+
+
+def test_fused_kernels_train_like_the_family_forward():
+    """Without norms to fold (LowFormer: GroupNorm on the input, 1x1 convs, GELU), training runs the fused
+    kernels too: the same loss and gradients as the family's forward."""
+    torch.manual_seed(0)
+    model = timm.create_model("lowformer_b0", pretrained=False, num_classes=5)
+    scheme_patch(model, groups=4, expansion=8, cca=True).train()
+    x = torch.randn(2, 3, 64, 64)
+    mixers = scheme_mixers(model)
+    assert all(m.fused_kernel_ok() for m in mixers.values())
+    grads = []
+    for plan_on in (True, False):
+        for mixer in mixers.values():
+            mixer.kernel_plan = mixer.kernel_plan if plan_on else None
+        model.zero_grad()
+        model(x).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if ".inner." in n})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_wrong_kernel_declaration_is_refused():
+    class Doubled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)) * 2)
+
+    register_mlp_adapter(Doubled, fc1="fc1", fc2="fc2", act="act")
+    try:
+        with pytest.raises(ValueError, match=r"declares act='act'.*does not compute what layer 'mlp'"):
+            scheme_patch(_holder(Doubled()), groups=4, expansion=2)
+    finally:
+        unregister_mlp_adapter(Doubled)
+    register_mlp_adapter(Doubled, fc1="fc1", fc2="fc2")  # no declaration: the family's forward, correct
+    try:
+        model = scheme_patch(_holder(Doubled()), groups=4, expansion=2)
+        assert model.mlp.kernel_plan is None
+    finally:
+        unregister_mlp_adapter(Doubled)

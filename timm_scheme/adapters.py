@@ -41,6 +41,9 @@ class MlpAdapter:
     fold: ``fold(output_layer, alpha)`` multiplies the output layer's output by ``alpha`` in place, for an
         output layer that is not a plain affine one (e.g. a projection that clamps its output: scale the bounds
         too); default: its weight and bias.
+    act, pre: declare the forward as ``pre -> fc1 -> [BatchNorm] -> act -> fc2 -> [BatchNorm]`` (dropout aside;
+        ``pre`` optional, the BatchNorms being ``hidden`` and ``output``): the mixer then runs SCHEME's fused
+        kernels while the norms use running statistics. Checked against the class's forward at patch time.
     applies: ``applies(module, name) -> bool`` for a class that is a channel MLP only in some places (e.g. an
         ``nn.Sequential`` of a given shape, or a block used as a model's FFN); where it says False the module
         is not an MLP to patch.
@@ -50,6 +53,8 @@ class MlpAdapter:
     hidden: Tuple[str, ...] = ()
     output: Optional[str] = None
     fold: Optional[Callable[[nn.Module, torch.Tensor], None]] = None
+    act: Optional[str] = None
+    pre: Optional[str] = None
     applies: Optional[Callable[[nn.Module, str], bool]] = None
 
     @property
@@ -68,6 +73,7 @@ def register_mlp_adapter(mlp_class: Type[nn.Module], adapter: Optional[MlpAdapte
                          fc1: Union[str, Tuple[str, ...], None] = None, fc2: Optional[str] = None,
                          hidden: Iterable[str] = (), output: Optional[str] = None,
                          fold: Optional[Callable[[nn.Module, torch.Tensor], None]] = None,
+                         act: Optional[str] = None, pre: Optional[str] = None,
                          applies: Optional[Callable[[nn.Module, str], bool]] = None) -> MlpAdapter:
     """Teach ``scheme_patch`` an MLP class: modules of exactly this type are replaced like timm's MLPs.
     Give an :class:`MlpAdapter`, or its fields as keywords. Registering a class again with the same ``applies``
@@ -78,8 +84,9 @@ def register_mlp_adapter(mlp_class: Type[nn.Module], adapter: Optional[MlpAdapte
     if adapter is None:
         if fc1 is None or fc2 is None:
             raise ValueError(f"register_mlp_adapter({mlp_class.__name__}): give an MlpAdapter or both fc1= and fc2=")
-        adapter = MlpAdapter(fc1=fc1, fc2=fc2, hidden=tuple(hidden), output=output, fold=fold, applies=applies)
-    elif any(v is not None for v in (fc1, fc2, output, fold, applies)) or tuple(hidden):
+        adapter = MlpAdapter(fc1=fc1, fc2=fc2, hidden=tuple(hidden), output=output, fold=fold, act=act, pre=pre,
+                             applies=applies)
+    elif any(v is not None for v in (fc1, fc2, output, fold, act, pre, applies)) or tuple(hidden):
         raise ValueError(f"register_mlp_adapter({mlp_class.__name__}): give an MlpAdapter or keywords, not both")
     if not adapter.fc1_paths or not all(isinstance(p, str) and p for p in (*adapter.fc1_paths, adapter.fc2)):
         raise ValueError(f"register_mlp_adapter({mlp_class.__name__}): fc1 and fc2 must be attribute paths "
@@ -93,9 +100,11 @@ def register_mlp_adapter(mlp_class: Type[nn.Module], adapter: Optional[MlpAdapte
     return adapter
 
 
-def unregister_mlp_adapter(mlp_class: Type[nn.Module]) -> None:
-    """Forget every adapter of ``mlp_class``."""
-    _ADAPTERS.pop(mlp_class, None)
+def unregister_mlp_adapter(mlp_class: Type[nn.Module], adapter: Optional[MlpAdapter] = None) -> None:
+    """Forget ``adapter`` (the value ``register_mlp_adapter`` returned), or every adapter of ``mlp_class``."""
+    kept = [a for a in _ADAPTERS.pop(mlp_class, []) if adapter is not None and a is not adapter]
+    if kept:
+        _ADAPTERS[mlp_class] = kept
 
 
 def mlp_adapters() -> Dict[Type[nn.Module], List[MlpAdapter]]:
@@ -251,8 +260,55 @@ def build_adapted(spec: AdaptedLayout, hidden: int, config: SchemeConfig) -> Ada
         alpha_init=config.alpha_init,
         cca_schedule=config.schedule())
     mixer.cca_skip_threshold = config.cca_skip_threshold
+    mixer.kernel_plan = _kernel_plan(spec, mixer)
     mixer.train(spec.module.training)
     return mixer
+
+
+def _kernel_plan(spec: AdaptedLayout, mixer: AdaptedSchemeMlp) -> Optional[Tuple[Optional[str], ...]]:
+    """(pre, act, hidden norm, output norm) when the adapter declares the kernel's structure and this module
+    has it (one projection, no layer between the projections but an optional BatchNorm); else None."""
+    adapter, inner = spec.adapter, mixer.inner
+    if adapter.act is None or len(spec.fc1) != 1 or adapter.fold is not None:
+        return None
+    present = [p for p in adapter.hidden if optional_submodule(inner, p) is not None
+               and not isinstance(optional_submodule(inner, p), nn.Identity)]
+    if len(present) > 1 or any(not isinstance(inner.get_submodule(p), _BatchNorm) for p in present):
+        return None  # e.g. a depthwise conv between the projections: the family's forward runs
+    output = adapter.output if adapter.output not in (None, adapter.fc2) else None
+    if output is not None and not isinstance(inner.get_submodule(output), _BatchNorm):
+        return None
+    plan = (adapter.pre, adapter.act, present[0] if present else None, output)
+    _check_plan(spec, mixer, plan)
+    return plan
+
+
+@torch.no_grad()
+def _check_plan(spec: AdaptedLayout, mixer: AdaptedSchemeMlp, plan: Tuple[Optional[str], ...]) -> None:
+    """The declared structure computes what the class's forward computes: compared on a copy in eval mode with
+    random norm statistics (so every folded term counts); a wrong declaration is an error naming the layer."""
+    if any(t.is_meta for t in mixer.parameters()):
+        return
+    probe = copy.deepcopy(mixer).eval()
+    probe.kernel_plan = plan
+    for module in probe.inner.modules():
+        if isinstance(module, _BatchNorm) and module.affine:
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.normal_(0, 0.1)
+        if isinstance(module, _BatchNorm) and module.track_running_stats:
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    width = spec.in_features
+    x = torch.randn((2, width, 3, 3) if spec.use_conv else (2, 5, width), device=spec.fc2.weight.device,
+                    dtype=spec.fc2.weight.dtype)
+    if not probe.fused_kernel_ok():
+        return
+    want, got = probe.inner(x), probe._fused_bd_mlp(x)
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
+        raise ValueError(
+            f"scheme_patch: the adapter of {type(spec.module).__name__} declares act={spec.adapter.act!r}, "
+            f"pre={spec.adapter.pre!r} (pre -> fc1 -> norm -> act -> fc2 -> norm), which does not compute what "
+            f"layer '{spec.name}''s forward computes; fix or drop act= / pre= (register_mlp_adapter)")
 
 
 @torch.no_grad()

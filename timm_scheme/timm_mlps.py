@@ -122,21 +122,25 @@ def _register_timm_adapters() -> None:
 
     from .adapters import register_mlp_adapter
 
-    plain = dict(fc1="fc1", fc2="fc2")
-    register_mlp_adapter(tiny_vit.NormMlp, **plain)                     # LayerNorm on the input, then fc1-act-fc2
-    register_mlp_adapter(swiftformer.Mlp, **plain)                      # BatchNorm on the input
-    register_mlp_adapter(fastvit.ConvMlp, **plain)                      # a depthwise 7x7 conv on the input
-    register_mlp_adapter(pvt_v2.MlpWithDepthwiseConv, **plain, hidden=("dwconv",))  # depthwise 3x3 per unit
+    # act / pre: the forward is pre -> fc1 -> [BatchNorm] -> act -> fc2 -> [BatchNorm]: the fused kernels can run
+    plain = dict(fc1="fc1", fc2="fc2", act="act")
+    register_mlp_adapter(tiny_vit.NormMlp, **plain, pre="norm")         # LayerNorm on the input, then fc1-act-fc2
+    register_mlp_adapter(swiftformer.Mlp, **plain, pre="norm1")         # BatchNorm on the input
+    register_mlp_adapter(fastvit.ConvMlp, **plain, pre="conv")          # a depthwise 7x7 conv on the input
+    register_mlp_adapter(pvt_v2.MlpWithDepthwiseConv, fc1="fc1", fc2="fc2", hidden=("dwconv",))  # depthwise 3x3
     register_mlp_adapter(inception_next.ConvMlp, **plain, hidden=("norm",))
     # a 1x1 conv + BatchNorm for each projection: the first BatchNorm is per hidden unit, alpha folds into the last
-    register_mlp_adapter(levit.LevitMlp, fc1="ln1.linear", fc2="ln2.linear", hidden=("ln1.bn",), output="ln2.bn")
+    register_mlp_adapter(levit.LevitMlp, fc1="ln1.linear", fc2="ln2.linear", hidden=("ln1.bn",), output="ln2.bn",
+                         act="act")
     register_mlp_adapter(efficientvit_msra.ConvMlp, fc1="pw1.conv", fc2="pw2.conv", hidden=("pw1.bn",),
-                         output="pw2.bn")
-    register_mlp_adapter(shvit.FFN, fc1="pw1.c", fc2="pw2.c", hidden=("pw1.bn",), output="pw2.bn")
-    register_mlp_adapter(efficientvim.FFN, fc1="fc1.conv", fc2="fc2.conv", hidden=("fc1.norm",), output="fc2.norm")
+                         output="pw2.bn", act="act")
+    register_mlp_adapter(shvit.FFN, fc1="pw1.c", fc2="pw2.c", hidden=("pw1.bn",), output="pw2.bn", act="act")
+    register_mlp_adapter(efficientvim.FFN, fc1="fc1.conv", fc2="fc2.conv", hidden=("fc1.norm",), output="fc2.norm",
+                         act="fc1.act")
     register_mlp_adapter(efficientformer_v2.ConvMlpWithNorm, fc1="fc1.conv", fc2="fc2.conv",
                          hidden=("fc1.bn", "mid"), output="fc2.bn")  # mid: a depthwise 3x3 conv + BatchNorm
-    register_mlp_adapter(visformer.SpatialMlp, fc1="conv1", fc2="conv3", hidden=("conv2",))  # grouped 3x3 conv
+    # a grouped 3x3 conv between the projections (without it, the fused kernels run)
+    register_mlp_adapter(visformer.SpatialMlp, fc1="conv1", fc2="conv3", hidden=("conv2",), act="act1")
     # gated: act(gate) * value, the gate's and the value's unit k in the same group
     register_mlp_adapter(vitamin.GeGluMlp, fc1=("w0", "w1"), fc2="w2")
     register_mlp_adapter(gemma4_vit.Gemma4GatedMlp, fc1=("gate_proj.linear", "up_proj.linear"),
@@ -145,8 +149,9 @@ def _register_timm_adapters() -> None:
     register_mlp_adapter(efficientvit_mit.MBConv, fc1="inverted_conv.conv", fc2="point_conv.conv",
                          hidden=("inverted_conv.norm", "depth_conv"), output="point_conv.norm",
                          applies=_efficientvit_ffn)
-    register_mlp_adapter(nn.Sequential, fc1="1", fc2="3", applies=_lowformer_mlp)
-    register_mlp_adapter(nn.Sequential, fc1="0.c", fc2="2.c", hidden=("0.bn",), output="2.bn", applies=_iformer_ffn)
+    register_mlp_adapter(nn.Sequential, fc1="1", fc2="3", act="2", pre="0", applies=_lowformer_mlp)
+    register_mlp_adapter(nn.Sequential, fc1="0.c", fc2="2.c", hidden=("0.bn",), output="2.bn", act="1",
+                         applies=_iformer_ffn)
 
 
 _register_timm_adapters()

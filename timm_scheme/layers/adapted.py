@@ -2,12 +2,13 @@
 adapter): the class's own forward runs, with block-diagonal projections and resized per-unit layers inside.
 """
 import inspect
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..kernels.dispatch import tracing
+from ..kernels import block_diagonal_mlp, block_diagonal_mlp_nchw
+from ..kernels.dispatch import is_elementwise, tracing
 from ..schedule import CcaSchedule
 from .block_diagonal import BlockDiagonalConv1x1
 from .mlp import SchemeMlp, check_mixing, scale_affine_
@@ -21,6 +22,11 @@ class AdaptedSchemeMlp(SchemeMlp):
     (e.g. PVTv2's feature size), is the family's own. ``fuse()`` folds alpha into ``output`` (fc2, or an
     affine layer after it such as LeViT's BatchNorm; ``fold(output_layer, alpha)`` where that takes more than
     scaling its weight and bias) and drops CCA.
+
+    ``kernel_plan`` (``(pre, act, hidden_norm, output_norm)`` paths inside ``inner``, any but ``act`` may be
+    None) says the forward is ``pre -> fc1 -> hidden_norm -> act -> fc2 -> output_norm`` with only dropout
+    besides: then, while the norms use running statistics (BatchNorm in eval mode, folded into the projections)
+    and dropout is off, SCHEME's fused block-diagonal MLP kernels run instead of the layers one by one.
     """
 
     # properties TorchScript must not compile (they look modules up by path)
@@ -43,6 +49,7 @@ class AdaptedSchemeMlp(SchemeMlp):
         self.gated, self.gate_last, self.norm_first, self.channel_shuffle = False, True, False, False
         device = first.weight.device
         self._init_mixing(self.hidden_features, cca, cca_scale, cca_normalize, alpha_init, cca_schedule, device)
+        self.kernel_plan: Optional[Tuple[Optional[str], ...]] = None
 
     # the projections inside `inner`, where quantization, LoRA and the statistics find them
     @property
@@ -57,13 +64,63 @@ class AdaptedSchemeMlp(SchemeMlp):
     def output_layer(self) -> nn.Module:
         return self.inner.get_submodule(self._paths[2])
 
+    def _plan_module(self, index: int) -> Optional[nn.Module]:
+        path = self.kernel_plan[index]
+        return None if path is None else self.inner.get_submodule(path)
+
     def fused_kernel_ok(self) -> bool:
-        return False  # the family's forward runs, layer by layer
+        """The kernel plan applies now: plain block-diagonal projections, an elementwise activation, the norms
+        folded from running statistics (eval-mode BatchNorms), no dropout drawing numbers."""
+        if self.kernel_plan is None or not self.plain_projections():
+            return False
+        act = self._plan_module(1)
+        if not is_elementwise(act) or getattr(act, "inplace", False):
+            return False
+        norms = [n for n in (self._plan_module(2), self._plan_module(3)) if n is not None]
+        if any(n.training or not n.track_running_stats for n in norms):
+            return False
+        return not (self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.inner.modules()))
+
+    def _folded(self, layer: nn.Module, norm: Optional[nn.Module]):
+        """A projection's (weight, bias) with the BatchNorm after it folded in (running statistics)."""
+        if norm is None:
+            return layer.weight, layer.bias
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps) if norm.affine else \
+            torch.rsqrt(norm.running_var + norm.eps)
+        shift = (norm.bias if norm.affine else 0.0) - norm.running_mean * scale
+        bias = shift if layer.bias is None else layer.bias * scale + shift
+        return layer.weight * scale.view(layer.weight.shape[0], -1, 1).to(layer.weight.dtype), bias.to(layer.weight.dtype)
+
+    def _group_act(self, x: torch.Tensor) -> torch.Tensor:
+        act = self._plan_module(1)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and type(act) in (nn.GELU, nn.ReLU):
+            # a scratch tile of the kernel: overwritten in place, as SchemeMlp's kernels do
+            return torch.ops.aten.gelu_(x, approximate=act.approximate) if type(act) is nn.GELU else torch.relu_(x)
+        return act(x)
+
+    @torch.jit.unused
+    def _fused_bd_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        pre, act = self._plan_module(0), self._plan_module(1)
+        if pre is not None:
+            x = pre(x)
+        w1, b1 = self._folded(self.fc1, self._plan_module(2))
+        w2, b2 = self._folded(self.fc2, self._plan_module(3))
+        gelu = act.approximate if type(act) is nn.GELU else None
+        kernel = block_diagonal_mlp_nchw if self.use_conv else block_diagonal_mlp
+        return kernel(x, w1, b1, w2, b2, self._group_act, tuple(act.parameters()), self.recompute_hidden, gelu)
 
     def bd_mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._mix_plain(x, self.inner(x))
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if not tracing() and self.fused_kernel_ok():
+            return self._mix_eager(x, self._fused_bd_mlp(x))
         return self._mix(x, self.inner(x))
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
