@@ -583,3 +583,22 @@ def test_a_wrong_kernel_declaration_is_refused():
         assert model.mlp.kernel_plan is None
     finally:
         unregister_mlp_adapter(Doubled)
+
+
+def test_calibrated_fusing_fuses_adapted_layers_exactly(caplog):
+    """fuse_for_inference(calibration_data=...) refits timm.layers' MLPs; adapted ones are fused as they are."""
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=5)
+    scheme_patch(model, groups=4, expansion=8, cca=True)
+    with torch.no_grad():
+        for mixer in scheme_mixers(model).values():
+            mixer.mix_logits.add_(torch.tensor([0.3, -0.2]))
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    with caplog.at_level("WARNING", logger="timm_scheme"):
+        fuse_for_inference(model, calibration_data=torch.randn(4, 3, 64, 64), warn_threshold=1.0)
+    assert "not refit" in caplog.text and model.scheme_fuse_report.calibrated == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)

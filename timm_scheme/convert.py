@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .layers import SchemeMlp
+from .layers import AdaptedSchemeMlp, SchemeMlp
 from .mixers import scheme_mixers
 from .modes import eval_mode
 from .timm_mlps import read_mlp
@@ -373,8 +373,9 @@ class Fc2Refit:
 
     @staticmethod
     def supports(new: SchemeMlp) -> bool:
-        """Per-token hidden activations can be recomputed unless a norm pools over space (GroupNorm)."""
-        return not isinstance(new.norm, nn.GroupNorm)
+        """Per-token hidden activations can be recomputed unless a norm pools over space (GroupNorm) or the mixer
+        runs a family's own forward (read through an adapter)."""
+        return not isinstance(new, AdaptedSchemeMlp) and not isinstance(new.norm, nn.GroupNorm)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         hidden = mixer_hidden(self.new, x.to(self.new.fc1.weight.dtype)).double().cpu()

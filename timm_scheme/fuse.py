@@ -171,7 +171,8 @@ def _fuse_calibrated(model: nn.Module, to_fuse: Dict[str, SchemeMlp], batches: L
     with eval_mode(model, trained), cca_in_eval(trained), torch.no_grad():
         for name, mixer in to_fuse.items():
             if not Fc2Refit.supports(mixer):
-                _logger.warning("fuse_for_inference: %s has a hidden norm that pools over space; fused as is", name)
+                _logger.warning("fuse_for_inference: %s is not refit (a hidden norm that pools over space, or a "
+                                "family's own MLP read through an adapter); fused as is", name)
                 continue
             solver = Fc2Refit(mixer)
             for batch in batches:

@@ -1,6 +1,6 @@
 """Find the channel-mixer MLPs of a timm model and swap them for SCHEME mixers, in place: which MLPs (not heads,
-token-mixing MLPs or attention internals) and how the new mixers start. timm's MLP classes are read through
-``timm_mlps``; nothing here knows about files.
+token-mixing MLPs or attention internals) and how the new mixers start. timm.layers' MLP classes are read through
+``timm_mlps``, the others through their adapters (``adapters``); nothing here knows about files.
 """
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ class AdaptedSchemeMlp(SchemeMlp):
         self._init_mixing(self.hidden_features, cca, cca_scale, cca_normalize, alpha_init, cca_schedule, device)
         self.kernel_plan: Optional[Tuple[Optional[str], ...]] = None
 
-    # the projections inside `inner`, where quantization, LoRA and the statistics find them
+    # the projections inside `inner`, under SchemeMlp's names for code reading a mixer's projections (fusing and
+    # saving checks, int8 conversion)
     @property
     def fc1(self) -> nn.Module:
         return self.inner.get_submodule(self._paths[0])
