@@ -240,14 +240,19 @@ def test_clipped_output_folds_its_bounds():
     assert float(bounds[1] - bounds[0]) < float(plain.quantile(0.8) - plain.quantile(0.2))  # scaled by alpha < 1
 
 
-def test_adapted_families_round_trip_through_timm(tmp_path):
+def _patched_pvt():
+    """PVTv2-B0 patched with CCA, alpha moved off 0.5 so that folding it is visible."""
     torch.manual_seed(0)
     model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=5)
     scheme_patch(model, groups=4, expansion=8, cca=True)
     with torch.no_grad():
         for mixer in scheme_mixers(model).values():
             mixer.mix_logits.add_(torch.tensor([0.3, -0.2]))
-    model.eval()
+    return model
+
+
+def test_adapted_families_round_trip_through_timm(tmp_path):
+    model = _patched_pvt().eval()
     x = torch.randn(2, 3, 64, 64)
     fuse_for_inference(model)
     with torch.no_grad():
@@ -587,13 +592,7 @@ def test_a_wrong_kernel_declaration_is_refused():
 
 def test_calibrated_fusing_fuses_adapted_layers_exactly(caplog):
     """fuse_for_inference(calibration_data=...) refits timm.layers' MLPs; adapted ones are fused as they are."""
-    torch.manual_seed(0)
-    model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=5)
-    scheme_patch(model, groups=4, expansion=8, cca=True)
-    with torch.no_grad():
-        for mixer in scheme_mixers(model).values():
-            mixer.mix_logits.add_(torch.tensor([0.3, -0.2]))
-    model.eval()
+    model = _patched_pvt().eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = model(x)
