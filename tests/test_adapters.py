@@ -601,3 +601,27 @@ def test_calibrated_fusing_fuses_adapted_layers_exactly(caplog):
     assert "not refit" in caplog.text and model.scheme_fuse_report.calibrated == []
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["levit_128s", "efficientvit_m0", "shvit_s1", "iformer_t"])
+def test_timm_reparameterize_model_keeps_the_function(family):
+    """timm's reparameterize_model (validate.py / benchmark.py --reparam) replaces children that have fuse() by
+    what it returns; the Conv+BN pairs holding block-diagonal projections stay as they are, the rest fuses."""
+    import pickle
+
+    from timm.models import reparameterize_model
+    torch.manual_seed(0)
+    kwargs = dict(img_size=64) if family.startswith(("levit", "efficientvit")) else {}
+    model = timm.create_model(family, pretrained=False, num_classes=5, **kwargs)
+    scheme_patch(model, groups=4, expansion=8, cca=True)
+    _random_norm_state(model)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        for candidate in (reparameterize_model(model), pickle.loads(pickle.dumps(model))):
+            torch.testing.assert_close(candidate(x), want, rtol=1e-5, atol=1e-5)
+    reparam = reparameterize_model(model)
+    assert not any(m.has_cca for m in scheme_mixers(reparam).values())  # the mixers fused too
+    assert all(isinstance(m.fc1, (timm_scheme.BlockDiagonalLinear, timm_scheme.BlockDiagonalConv1x1))
+               for m in scheme_mixers(reparam).values())

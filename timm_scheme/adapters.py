@@ -247,6 +247,7 @@ def build_adapted(spec: AdaptedLayout, hidden: int, config: SchemeConfig) -> Ada
         new = kind(n_in, n_out, groups, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
         _draw_like(new, old)
         inner.set_submodule(path, new)
+    _keep_reparameterization_off_projections(inner)
     for path in adapter.hidden:
         module = optional_submodule(inner, path)
         for leaf_name, leaf in (module.named_modules() if module is not None else ()):
@@ -309,6 +310,40 @@ def _check_plan(spec: AdaptedLayout, mixer: AdaptedSchemeMlp, plan: Tuple[Option
             f"scheme_patch: the adapter of {type(spec.module).__name__} declares act={spec.adapter.act!r}, "
             f"pre={spec.adapter.pre!r} (pre -> fc1 -> norm -> act -> fc2 -> norm), which does not compute what "
             f"layer '{spec.name}''s forward computes; fix or drop act= / pre= (register_mlp_adapter)")
+
+
+_REPARAM_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
+
+
+def _keep_reparameterization_off_projections(inner: nn.Module) -> None:
+    """timm's ``reparameterize_model`` replaces every child that has ``fuse()`` (LeViT's LinearNorm, the Conv+BN
+    pairs of EfficientViT-MSRA, SHViT, iFormer) by what it returns, a dense layer built from the weights; on a
+    block-diagonal projection that breaks. Such containers become a subclass whose ``fuse()`` returns them as
+    they are (same function, same state) and whose in-place reparameterizations do nothing."""
+    projections = (BlockDiagonalLinear, BlockDiagonalConv1x1)
+    for module in list(inner.modules()):
+        if any(callable(getattr(module, m, None)) for m in _REPARAM_METHODS) and \
+                any(isinstance(d, projections) for d in module.modules()):
+            module.__class__ = _kept_as_is(type(module))
+
+
+_KEPT_CLASSES: Dict[type, type] = {}
+
+
+def _kept_as_is(kind: type) -> type:
+    if kind in _KEPT_CLASSES.values():
+        return kind
+    if kind not in _KEPT_CLASSES:
+        name = f"{kind.__module__.replace('.', '_')}_{kind.__qualname__.replace('.', '_')}_BlockDiagonal"
+        kept = type(name, (kind,), {m: _returns_self for m in _REPARAM_METHODS if hasattr(kind, m)})
+        kept.__module__, kept.__qualname__ = __name__, name
+        globals()[name] = kept  # picklable by name once timm_scheme is imported
+        _KEPT_CLASSES[kind] = kept
+    return _KEPT_CLASSES[kind]
+
+
+def _returns_self(self):
+    return self
 
 
 @torch.no_grad()
