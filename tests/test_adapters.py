@@ -422,6 +422,17 @@ def test_adapted_models_script_and_trace():
 
 # --- init="dense" through adapters ------------------------------------------------------------------------
 
+def _random_norm_state(model):
+    """BatchNorms with affine parameters and running statistics away from their initial values."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+
+
 def _masked_dense(dense_mlp, adapter, units, groups):
     """The dense MLP with every projection cut to its blocks: unit u, assigned to group k, keeps only the
     weights from input group k (fc1) and to output group k (fc2). Units stay in place (per-unit layers need no
@@ -453,11 +464,7 @@ def test_dense_init_of_adapted_families_is_the_block_projection(family):
     kwargs = {"pvt_v2_b0": {}, "efficientvit_b0": {}, "vitamin_small_224": dict(img_size=64, depth=1)}.get(
         family, dict(img_size=64))
     dense = timm.create_model(family, pretrained=False, **kwargs).eval()
-    with torch.no_grad():  # pretrained-like state: no zero-initialised output norms, running statistics set
-        for m in dense.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2)
+    _random_norm_state(dense)  # pretrained-like state: no zero-initialised output norms, running statistics set
     name, mlp = next((n, m) for n, m in dense.named_modules() if adapter_for(m, n) is not None)
     adapter = adapter_for(mlp, name)
     model = scheme_patch(copy.deepcopy(dense), groups=4, expansion=None, init="dense", cca=True).eval()
@@ -508,14 +515,6 @@ def test_dense_init_keeps_new_units_silent_and_refuses_what_cannot_move(register
 
 
 # --- the fused kernels where the structure allows them -------------------------------------------------------
-
-def _random_norm_state(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2)
-
 
 @pytest.mark.parametrize("family, size", [("levit_128s", 64), ("levit_conv_128s", 64), ("efficientvit_m0", 64),
                                           ("fastvit_t8", 64), ("lowformer_b0", 64), ("iformer_t", 64)])
