@@ -14,6 +14,8 @@ from timm_scheme import (AdaptedSchemeMlp, fuse_for_inference, register_mlp_adap
                          scheme_patch, unregister_mlp_adapter)
 from timm_scheme.adapters import adapter_for
 
+from .references import cut_to_routes, route_groups
+
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:fuse_for_inference:UserWarning")]
 
@@ -438,22 +440,9 @@ def _masked_dense(dense_mlp, adapter, units, groups):
     weights from input group k (fc1) and to output group k (fc2). Units stay in place (per-unit layers need no
     moving), so this is computed from the dense module and the assignment alone."""
     masked = copy.deepcopy(dense_mlp)
-    group_of = {u: k for k, kept in enumerate(units) for u in kept if u >= 0}
-    with torch.no_grad():
-        for path in (*adapter.fc1_paths, adapter.fc2):
-            layer = masked.get_submodule(path)
-            w = layer.weight.view(layer.weight.shape[0], layer.weight.shape[1])
-            is_fc2 = path == adapter.fc2
-            hidden = w.shape[1] if is_fc2 else w.shape[0]
-            other = (w.shape[0] if is_fc2 else w.shape[1]) // groups
-            mask = torch.zeros_like(w)
-            for u in range(hidden):
-                k = group_of[u]
-                if is_fc2:
-                    mask[k * other:(k + 1) * other, u] = 1
-                else:
-                    mask[u, k * other:(k + 1) * other] = 1
-            w.mul_(mask)
+    fc2 = masked.get_submodule(adapter.fc2).weight
+    in_group, out_group = route_groups(units, groups, fc2.shape[1])
+    cut_to_routes([masked.get_submodule(p).weight for p in adapter.fc1_paths], fc2, in_group, out_group, groups)
     return masked
 
 

@@ -21,6 +21,7 @@ from timm_scheme.io import save_pretrained
 from timm_scheme.mixers import scheme_mixers
 
 from .models import create, example_input
+from .references import cut_to_routes, ridge_per_group, route_groups
 
 
 def shuffle_index(hidden: int, groups: int) -> torch.Tensor:
@@ -194,20 +195,12 @@ def test_calibrated_fusing_refits_fc2_on_the_shuffled_units():
     with torch.no_grad(), timm_scheme.cca_in_eval(mixer):
         target = mixer(x).double().reshape(-1, 16)
     hidden = nn.functional.gelu(x.double() @ mixer.fc1.dense_weight().double().t() + mixer.fc1.bias.double())
-    hidden = hidden.reshape(-1, 64)[:, shuffle_index(64, 4)]
-    want_w, want_b = [], []
-    for j in range(4):
-        h = torch.cat([hidden[:, j * 16:(j + 1) * 16], torch.ones(len(hidden), 1, dtype=torch.float64)], 1)
-        gram = h.t() @ h
-        theta = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(17, dtype=torch.float64),
-                                   h.t() @ target[:, j * 4:(j + 1) * 4])
-        want_w.append(theta[:16].t())
-        want_b.append(theta[16])
+    want_w, want_b = ridge_per_group(hidden.reshape(-1, 64)[:, shuffle_index(64, 4)], target, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the CCA weight fusing discards
         fuse_for_inference(nn.Sequential(mixer), calibration_data=x)
-    torch.testing.assert_close(mixer.fc2.weight.detach().double(), torch.stack(want_w), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(mixer.fc2.bias.detach().double(), torch.cat(want_b), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mixer.fc2.weight.detach().double(), want_w, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mixer.fc2.bias.detach().double(), want_b, rtol=1e-4, atol=1e-6)
 
 
 # --- init="dense" ---------------------------------------------------------------------------------------
@@ -218,20 +211,10 @@ def _route_projection(dense: nn.Module, patched: nn.Module) -> nn.Module:
     reference_model = copy.deepcopy(dense)
     modules = dict(reference_model.named_modules())
     groups = patched.scheme_config.groups
-    with torch.no_grad():
-        for name, layer in patched.scheme_init_report.layers.items():
-            mlp = modules[name]
-            hidden = mlp.fc2.weight.shape[1]
-            in_group, out_group = torch.full((hidden,), -1), torch.full((hidden,), -2)
-            for route, kept in enumerate(layer.units):
-                kept = [u for u in kept if u >= 0]
-                in_group[kept], out_group[kept] = route // groups, route % groups
-            w1 = mlp.fc1.weight
-            cols = torch.arange(w1.shape[1]) // (w1.shape[1] // groups)
-            w1.mul_((in_group[:, None] == cols[None, :]).to(w1.dtype))
-            w2 = mlp.fc2.weight
-            outs = torch.arange(w2.shape[0]) // (w2.shape[0] // groups)
-            w2.mul_((outs[:, None] == out_group[None, :]).to(w2.dtype))
+    for name, layer in patched.scheme_init_report.layers.items():
+        mlp = modules[name]
+        in_group, out_group = route_groups(layer.units, groups, mlp.fc2.weight.shape[1])
+        cut_to_routes([mlp.fc1.weight], mlp.fc2.weight, in_group, out_group, groups)
     return reference_model
 
 

@@ -21,6 +21,7 @@ from timm_scheme.distill import Distiller
 from timm_scheme.patch import find_mlps
 
 from .models import create, example_input
+from .references import cut_to_routes, route_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,22 +49,11 @@ def _projection_of(dense: torch.nn.Module, patched: torch.nn.Module) -> torch.nn
     reference = copy.deepcopy(dense)
     modules = dict(reference.named_modules())
     groups = patched.scheme_config.groups
-    with torch.no_grad():
-        for name, layer in patched.scheme_init_report.layers.items():
-            mlp = modules[name]
-            firsts = [mlp.fc1_g, mlp.fc1_x] if isinstance(mlp, SwiGLU) else [mlp.fc1]
-            hidden = mlp.fc2.weight.shape[1]
-            unit_group = torch.full((hidden,), -1)
-            for k, kept in enumerate(layer.units):
-                unit_group[[u for u in kept if u >= 0]] = k
-            for fc1 in firsts:
-                w = fc1.weight.view(fc1.weight.shape[0], -1)
-                rows = unit_group.repeat(w.shape[0] // hidden)  # GluMlp: fc1 holds both halves
-                cols = torch.arange(w.shape[1]) // (w.shape[1] // groups)
-                w.mul_((rows[:, None] == cols[None, :]).to(w.dtype))
-            w2 = mlp.fc2.weight.view(mlp.fc2.weight.shape[0], -1)
-            outs = torch.arange(w2.shape[0]) // (w2.shape[0] // groups)
-            w2.mul_((outs[:, None] == unit_group[None, :]).to(w2.dtype))
+    for name, layer in patched.scheme_init_report.layers.items():
+        mlp = modules[name]
+        firsts = [mlp.fc1_g, mlp.fc1_x] if isinstance(mlp, SwiGLU) else [mlp.fc1]  # GluMlp: fc1 holds both halves
+        in_group, out_group = route_groups(layer.units, groups, mlp.fc2.weight.shape[1])
+        cut_to_routes([fc1.weight for fc1 in firsts], mlp.fc2.weight, in_group, out_group, groups)
     return reference
 
 

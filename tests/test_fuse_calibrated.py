@@ -14,6 +14,8 @@ from torch import nn
 
 from timm_scheme import SchemeMlp, cca_in_eval, fuse_for_inference, scheme_patch
 
+from .references import ridge_per_group
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -38,19 +40,9 @@ def training_function(m: SchemeMlp, x: torch.Tensor) -> torch.Tensor:
 
 
 def ridge_fc2(m: SchemeMlp, x: torch.Tensor, target: torch.Tensor):
-    """Per group: [h, 1] theta = target columns, theta = (G + lambda I)^-1 [h, 1]^T target with G the Gram matrix
-    and lambda = 1e-3 * mean(diag(G)), the estimator calibrated fusing documents."""
+    """The ridge estimator calibrated fusing documents, on the mixer's hidden activations recomputed here."""
     hidden = F.gelu(x.double() @ m.fc1.dense_weight().double().t() + m.fc1.bias.double()).reshape(-1, 64)
-    target = target.reshape(-1, 16)
-    weights, biases = [], []
-    for k in range(4):
-        h = torch.cat([hidden[:, k * 16:(k + 1) * 16], torch.ones(len(hidden), 1, dtype=torch.float64)], 1)
-        gram = h.t() @ h
-        theta = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(17, dtype=torch.float64),
-                                   h.t() @ target[:, k * 4:(k + 1) * 4])
-        weights.append(theta[:16].t())
-        biases.append(theta[16])
-    return torch.stack(weights), torch.cat(biases)
+    return ridge_per_group(hidden, target.reshape(-1, 16), 4)
 
 
 def test_refit_equals_an_independent_ridge_solve():
