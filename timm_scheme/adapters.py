@@ -13,7 +13,6 @@ block-diagonal, the per-unit layers are resized to the new hidden width, and CCA
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
@@ -22,6 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import SchemeConfig
+from .host_init import draw_layer_like, draw_like
 from .layers import AdaptedSchemeMlp, BlockDiagonalConv1x1, BlockDiagonalLinear
 from .layers.adapted import adapted_mixer_class
 
@@ -245,7 +245,7 @@ def build_adapted(spec: AdaptedLayout, hidden: int, config: SchemeConfig) -> Ada
     projections = [(path, old, (spec.in_features, hidden)) for path, old in zip(adapter.fc1_paths, spec.fc1)]
     for path, old, (n_in, n_out) in projections + [(adapter.fc2, spec.fc2, (hidden, spec.out_features))]:
         new = kind(n_in, n_out, groups, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
-        _draw_like(new, old)
+        draw_layer_like(new, [old])
         inner.set_submodule(path, new)
     _keep_reparameterization_off_projections(inner)
     for path in adapter.hidden:
@@ -346,29 +346,6 @@ def _returns_self(self):
     return self
 
 
-@torch.no_grad()
-def _draw(new: torch.Tensor, old: torch.Tensor) -> None:
-    """Fill ``new`` with the mean and spread of ``old`` (a constant where ``old`` is one, e.g. a norm's
-    weight of ones); meta tensors are left as they are."""
-    if new.is_meta or old.is_meta:
-        return
-    values = old.detach().double()  # a constant (a norm's ones, a bias of 0.1) stays exactly that constant
-    mean = float(values.mean())
-    std = float(values.std()) if values.numel() > 1 else 0.0
-    if not (math.isfinite(mean) and math.isfinite(std)):
-        return  # nothing to follow: the layer keeps its default draw
-    if std == 0.0:
-        new.fill_(mean)
-    else:
-        new.normal_(mean, std)
-
-
-def _draw_like(new: nn.Module, old: nn.Module) -> None:
-    _draw(new.weight, old.weight)
-    if new.bias is not None:
-        _draw(new.bias, old.bias)
-
-
 def _resize_per_unit(leaf: nn.Module, old: int, new: int, groups: int, where: str) -> None:
     """Give ``leaf`` (a layer between the projections) ``new`` hidden units, in place; a clear error when it
     holds state that is not per hidden unit."""
@@ -408,7 +385,7 @@ def _resize_tensors(leaf: nn.Module, new: int, weight_shape: Tuple[int, ...]) ->
     for name, param in list(leaf.named_parameters(recurse=False)):
         shape = weight_shape if name == "weight" else (new,)
         fresh = torch.empty(shape, device=param.device, dtype=param.dtype)
-        _draw(fresh, param)
+        draw_like(fresh, [param])
         setattr(leaf, name, nn.Parameter(fresh, requires_grad=param.requires_grad))
     for name, buf in list(leaf.named_buffers(recurse=False)):
         if buf is None or buf.dim() == 0:

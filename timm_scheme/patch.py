@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
-import torch
 from torch import nn
 
 from .config import SchemeConfig
 from .convert import CalibrationData, InitReport, init_from_dense
 from .convert_adapted import init_adapted_from_dense
+from .host_init import draw_layer_like
 from .layers import SchemeMlp
 from .mixers import is_patched
 from .adapters import AdaptedLayout, adapter_for, build_adapted, mlp_adapters, read_adapted
@@ -29,36 +27,6 @@ TOKEN_MIXER_NAMES = ("mlp_tokens",)
 # an MLP inside one of these is part of an attention or position-bias computation (e.g. Swin-V2-CR's
 # meta_mlp over 2-D offsets), not a block's channel mixer
 NON_MIXER_PARENTS = ("Attention", "Attn", "PosMlp", "PosBias")
-
-
-@dataclass(frozen=True)
-class _Draw:
-    """How a replaced projection's weights are distributed: a new block-diagonal one is drawn alike."""
-    weight_mean: float
-    weight_std: float
-    bias_mean: float = 0.0
-    bias_std: float = 0.0  # 0 with bias_mean 0: zero biases (timm's own init), kept exactly zero
-
-    @classmethod
-    def of(cls, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]]) -> Optional["_Draw"]:
-        if any(w.is_meta for w in weights):
-            return None  # nothing to read: the layer keeps its own default draw
-        w = torch.cat([t.detach().float().reshape(-1) for t in weights])
-        b = [t.detach().float().reshape(-1) for t in biases if t is not None]
-        b = torch.cat(b) if b else torch.zeros(1)
-        stats = (float(w.mean()), float(w.std()), float(b.mean()), float(b.std()) if b.numel() > 1 else 0.0)
-        if not all(math.isfinite(v) for v in stats):
-            return None  # non-finite weights have no spread to follow (init="dense" refuses them by name)
-        return cls(*stats)
-
-    @torch.no_grad()
-    def apply(self, layer: nn.Module) -> None:
-        layer.weight.normal_(self.weight_mean, self.weight_std)
-        if layer.bias is not None:
-            if self.bias_std == 0.0:
-                layer.bias.fill_(self.bias_mean)
-            else:
-                layer.bias.normal_(self.bias_mean, self.bias_std)
 
 
 def scheme_patch(
@@ -278,13 +246,9 @@ def _build(spec, hidden: int, config: SchemeConfig) -> SchemeMlp:
         device=spec.device,
         dtype=spec.dtype,
     )
-    # a drop-in replacement starts like the layer it replaces: each projection drawn with the replaced one's
-    # mean and spread (timm's ViTs, Swin and MetaFormers: trunc-normal std 0.02, zero biases), not nn.Linear's
-    # default, whose bound 1/sqrt(fan_in) of one group is several times larger
-    for layer, originals in ((new.fc1, spec.fc1), (new.fc2, [spec.fc2])):
-        draw = _Draw.of([o.weight for o in originals], [o.bias for o in originals])
-        if draw is not None:
-            draw.apply(layer)
+    # a drop-in replacement starts like the layer it replaces (host_init)
+    draw_layer_like(new.fc1, spec.fc1)
+    draw_layer_like(new.fc2, [spec.fc2])
     new.act = copy.deepcopy(spec.act)  # keeps learnable activations (e.g. StarReLU's scale and bias)
     new.norm = _resized_norm(spec, hidden)
     new.cca_skip_threshold = config.cca_skip_threshold

@@ -390,18 +390,11 @@ class Int8SchemeMlp(SchemeMlp):
         if tracing() or torch.jit.is_scripting() or not self.int8_kernel_ok():
             return self.drop2(self.fc2(self.fc2_input(x)))  # layer by layer, through the modules
         dynamic = all(isinstance(m, DynamicInt8BlockDiagonalLinear) for m in (self.fc1, self.fc2))
-        if dynamic and dynamic_gemm_ok(x):
-            if self.use_conv:
-                y = dynamic_block_diagonal_mlp(x.permute(0, 2, 3, 1), self.fc1, self.fc2, self.group_hidden,
-                                               self.channel_shuffle)
-                return self.drop2(y.permute(0, 3, 1, 2).contiguous())
-            return self.drop2(dynamic_block_diagonal_mlp(x, self.fc1, self.fc2, self.group_hidden,
-                                                         self.channel_shuffle))
-        if self.use_conv:  # NCHW: the token kernel on the channels-last view, like the int8 conv layer
-            y = int8_block_diagonal_mlp(x.permute(0, 2, 3, 1), self.fc1, self.fc2, self.group_hidden,
-                                        self.channel_shuffle)
+        kernel = dynamic_block_diagonal_mlp if dynamic and dynamic_gemm_ok(x) else int8_block_diagonal_mlp
+        if self.use_conv:  # NCHW: the token kernel on the channels-last view, like the int8 conv layers
+            y = kernel(x.permute(0, 2, 3, 1), self.fc1, self.fc2, self.group_hidden, self.channel_shuffle)
             return self.drop2(y.permute(0, 3, 1, 2).contiguous())
-        return self.drop2(int8_block_diagonal_mlp(x, self.fc1, self.fc2, self.group_hidden, self.channel_shuffle))
+        return self.drop2(kernel(x, self.fc1, self.fc2, self.group_hidden, self.channel_shuffle))
 
 
 # --- whole models -------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from ..kernels import block_diagonal_mlp, block_diagonal_mlp_nchw
 from ..kernels.dispatch import is_elementwise, tracing
 from ..schedule import CcaSchedule
 from .block_diagonal import BlockDiagonalConv1x1
-from .mlp import SchemeMlp, check_mixing, scale_affine_
+from .mlp import SchemeMlp, act_on_scratch, check_mixing, scale_affine_
 
 
 class AdaptedSchemeMlp(SchemeMlp):
@@ -93,11 +93,7 @@ class AdaptedSchemeMlp(SchemeMlp):
         return layer.weight * scale.view(layer.weight.shape[0], -1, 1).to(layer.weight.dtype), bias.to(layer.weight.dtype)
 
     def _group_act(self, x: torch.Tensor) -> torch.Tensor:
-        act = self._plan_module(1)
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and type(act) in (nn.GELU, nn.ReLU):
-            # a scratch tile of the kernel: overwritten in place, as SchemeMlp's kernels do
-            return torch.ops.aten.gelu_(x, approximate=act.approximate) if type(act) is nn.GELU else torch.relu_(x)
-        return act(x)
+        return act_on_scratch(self._plan_module(1), x)
 
     @torch.jit.unused
     def _fused_bd_mlp(self, x: torch.Tensor) -> torch.Tensor:
