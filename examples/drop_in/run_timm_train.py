@@ -58,6 +58,7 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     "scheme_cca_alpha09": {"groups": 4, "expansion": 8, "cca": True, "alpha_init": 0.9},
     "scheme_cca_floor05": {"groups": 4, "expansion": 8, "cca": True, "cca_lr_floor": 0.5},
     "scheme_cca_early": {"groups": 4, "expansion": 8, "cca": True, "alpha_init": 0.9, "cca_lr_floor": 0.5},
+    "scheme_cca_normalized": {"groups": 4, "expansion": 8, "cca": True, "cca_scale_mode": "normalized"},
     # fewer, wider groups: how much of a gap to dense is the group restriction (measured on Swin)
     "scheme_g2": {"groups": 2, "expansion": 8},
     # fc2's groups read every fc1 group (channel shuffle): mixing across groups at no extra cost
@@ -229,7 +230,8 @@ def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
                ("trained_function", "trained function (CCA applied)"),
                ("fused_validate_py_top1", "fused, validate.py on local-dir"),
                ("fused_calibrated_top1", "fused with calibration (256 train images)")]
-    lines = [f"Validation top-1 (%) on digits, mean of seeds (per seed). {machine}", "",
+    epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in records}))
+    lines = [f"Validation top-1 (%) on digits after {epochs} epochs, mean of seeds (per seed). {machine}", "",
              "| family | variant | " + " | ".join(label for _, label in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     keys = sorted({(r["family"], r["variant"]) for r in records},
