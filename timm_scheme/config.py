@@ -54,6 +54,9 @@ class SchemeConfig:
         channel_shuffle: fc2's group j reads chunk j of every fc1 group's hidden units (a ShuffleNet-style
             block transpose between the projections, the structure of Monarch matrices), so each mixer mixes
             across groups at no extra FLOPs or parameters. Needs hidden widths divisible by ``groups ** 2``.
+        block_lr_power: optimizer steps on each block-diagonal weight are stretched by (fan-in of the dense
+            layer it replaces / its block's fan-in) ** power, as a learning rate that much larger would
+            (``timm_scheme.lr_scale``): 0 leaves them as they are, 1 is muP's rule for Adam.
     """
 
     groups: int = 4
@@ -71,6 +74,7 @@ class SchemeConfig:
     init: str = "random"
     skip_unfit: bool = False
     channel_shuffle: bool = False
+    block_lr_power: float = 0.0
 
     def __post_init__(self):
         # resolved here, so config.json records the values in effect
@@ -96,6 +100,10 @@ class SchemeConfig:
             raise ValueError(f"cca_skip_threshold={self.cca_skip_threshold!r}: expected 0 <= value < 1")
         if not 0.0 <= self.fuse_warn_threshold <= 1.0:
             raise ValueError(f"fuse_warn_threshold={self.fuse_warn_threshold!r}: expected 0 <= value <= 1")
+        if isinstance(self.block_lr_power, bool) or not isinstance(self.block_lr_power, (int, float)) \
+                or not (0.0 <= self.block_lr_power <= 2.0):
+            raise ValueError(f"block_lr_power={self.block_lr_power!r}: expected a number in [0, 2] (0: the "
+                             "optimizer's own steps, 0.5 or 1: larger steps for blocks that read fewer channels)")
         if self.init not in INIT_MODES:
             raise ValueError(f"init={self.init!r}: expected one of {INIT_MODES}")
         if self.cca_anneal_steps is not None and (isinstance(self.cca_anneal_steps, bool)

@@ -63,6 +63,9 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     "scheme_g2": {"groups": 2, "expansion": 8},
     # fc2's groups read every fc1 group (channel shuffle): mixing across groups at no extra cost
     "scheme_shuffle": {"groups": 4, "expansion": 8, "channel_shuffle": True},
+    # block-diagonal weights step as with a learning rate (dense fan-in / block fan-in) ** power times larger
+    "scheme_lr_sqrt": {"groups": 4, "expansion": 8, "block_lr_power": 0.5},
+    "scheme_lr_fan_in": {"groups": 4, "expansion": 8, "block_lr_power": 1.0},
 }
 
 
@@ -224,6 +227,19 @@ def with_calibrated(record: Dict[str, Any], folder: Path, data: Path) -> Dict[st
     return record
 
 
+def against_dense(rows: List[Dict[str, Any]], dense: List[Dict[str, Any]]) -> str:
+    """Mean over the seeds both have of (variant - dense) train.py top-1, with its standard error: whether a gap
+    stands out of the seeds' spread."""
+    dense_of = {r["seed"]: r["train_py_top1"] for r in dense}
+    gaps = [r["train_py_top1"] - dense_of[r["seed"]] for r in rows if r["seed"] in dense_of and r["variant"] != "dense"]
+    if not gaps:
+        return "-"
+    if len(gaps) == 1:
+        return f"{gaps[0]:+.1f} (1 seed)"
+    error = statistics.stdev(gaps) / len(gaps) ** 0.5
+    return f"{statistics.mean(gaps):+.1f} ± {error:.1f} ({len(gaps)} seeds)"
+
+
 def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
     (out / "results.json").write_text(json.dumps(records, indent=2))
     columns = [("train_py_top1", "train.py eval (deployed function)"),
@@ -232,8 +248,8 @@ def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
                ("fused_calibrated_top1", "fused with calibration (256 train images)")]
     epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in records}))
     lines = [f"Validation top-1 (%) on digits after {epochs} epochs, mean of seeds (per seed). {machine}", "",
-             "| family | variant | " + " | ".join(label for _, label in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+             "| family | variant | " + " | ".join(label for _, label in columns) + " | deployed minus dense, same seeds |",
+             "|---|---|" + "---|" * (len(columns) + 1)]
     keys = sorted({(r["family"], r["variant"]) for r in records},
                   key=lambda k: (list(FAMILIES).index(k[0]), list(VARIANTS).index(k[1])))
     for family, variant in keys:
@@ -242,6 +258,7 @@ def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
         for key, _ in columns:
             values = [r[key] for r in rows if key in r]
             cells.append(f"{statistics.mean(values):.1f} ({' / '.join(f'{v:.1f}' for v in values)})" if values else "-")
+        cells.append(against_dense(rows, [r for r in records if r["family"] == family and r["variant"] == "dense"]))
         lines.append(f"| {family} | {variant} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

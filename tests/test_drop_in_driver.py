@@ -1,0 +1,75 @@
+"""The drop-in evidence driver (examples/drop_in): the one line reaches the script's model, and the results table
+reports what the runs measured."""
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DROP_IN = ROOT / "examples" / "drop_in"
+
+# a stand-in for timm's train.py: imports create_model the way train.py does and reports the model's MLPs
+SCRIPT = """
+import json, sys
+from timm.models import create_model
+model = create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3)
+mixers = [type(b.mlp).__name__ for b in model.blocks]
+groups = [getattr(b.mlp, "groups", None) for b in model.blocks]
+json.dump(dict(mixers=mixers, groups=groups, argv=sys.argv[1:]), open(sys.argv[1], "w"))
+"""
+
+
+def driver():
+    spec = importlib.util.spec_from_file_location("run_timm_train", DROP_IN / "run_timm_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(tmp_path, *scheme):
+    script, report = tmp_path / "train.py", tmp_path / "report.json"
+    script.write_text(SCRIPT)
+    subprocess.run([sys.executable, str(DROP_IN / "with_patch.py"), *scheme, str(script), str(report), "--x", "1"],
+                   check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return json.loads(report.read_text())
+
+
+def test_with_patch_applies_the_line_to_the_scripts_model(tmp_path):
+    patched = run_script(tmp_path, "--scheme", json.dumps({"groups": 4, "expansion": 8}))
+    assert patched["mixers"] == ["SchemeMlp", "SchemeMlp"] and patched["groups"] == [4, 4]
+    assert patched["argv"] == [str(tmp_path / "report.json"), "--x", "1"]  # the script's own arguments, untouched
+    dense = run_script(tmp_path)
+    assert dense["mixers"] == ["Mlp", "Mlp"]
+
+
+def record(family, variant, seed, top1):
+    return dict(family=family, variant=variant, seed=seed, options=None, train_py_top1=top1, epochs=30)
+
+
+def test_results_table_reports_the_gap_to_dense_over_shared_seeds(tmp_path):
+    run_timm_train = driver()
+    records = [record("swin", "dense", 1, 94.0), record("swin", "dense", 2, 92.0), record("swin", "dense", 3, 96.0),
+               record("swin", "scheme", 1, 93.0), record("swin", "scheme", 2, 94.5), record("swin", "scheme", 4, 90.0),
+               record("vit", "dense", 1, 97.0), record("vit", "scheme", 1, 98.0)]
+    run_timm_train.summarise(records, tmp_path, "test machine")
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert "after 30 epochs" in table[0] and "test machine" in table[0]
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in table[4:]}
+    gaps = [93.0 - 94.0, 94.5 - 92.0]  # seed 4 has no dense run: left out of the gap, kept in the mean
+    expected = f"{statistics.mean(gaps):+.1f} ± {statistics.stdev(gaps) / 2 ** 0.5:.1f} (2 seeds)"
+    assert rows[("swin", "scheme")].rstrip(" |").endswith(expected)
+    assert f"{statistics.mean([93.0, 94.5, 90.0]):.1f} (93.0 / 94.5 / 90.0)" in rows[("swin", "scheme")]
+    assert rows[("vit", "scheme")].rstrip(" |").endswith("+1.0 (1 seed)")
+    assert rows[("swin", "dense")].rstrip(" |").endswith("| -")
+    assert json.loads((tmp_path / "results.json").read_text()) == records
+
+
+def test_driver_refuses_a_folder_without_timms_scripts(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        driver().main(["--timm-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert f"--timm-dir {tmp_path} has no train.py" in capsys.readouterr().err

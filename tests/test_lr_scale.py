@@ -1,0 +1,147 @@
+"""block_lr_power: optimizer steps on block-diagonal weights are those of a learning rate scaled by
+(dense fan-in / block fan-in) ** power, checked against torch's own per-group learning rates."""
+import copy
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from timm_scheme import SchemeConfig, scheme_patch
+from timm_scheme.layers import BlockDiagonalLinear
+from timm_scheme.patch import patch_structure
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LR, DECAY = 1e-3, 0.05
+
+
+def dense_vit():
+    # no qkv bias: the key bias gets a gradient of rounding noise only (softmax ignores it), which Adam scales to
+    # full steps, so two equal computations summed in another order would part there
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_classes=3, qkv_bias=False)
+
+
+def independent_scales(dense, power):
+    """weight name -> scale, from the dense model's own widths: fc1 reads all `dim` channels where a block reads
+    dim / 4; dense fc2 reads its 4 * dim hidden units where a block reads 8 * dim / 4."""
+    scales = {}
+    for i, block in enumerate(dense.blocks):
+        dim, hidden = block.mlp.fc1.in_features, block.mlp.fc1.out_features
+        scales[f"blocks.{i}.mlp.fc1.weight"] = (dim / (dim / 4)) ** power
+        scales[f"blocks.{i}.mlp.fc2.weight"] = (hidden / (8 * dim / 4)) ** power
+    return scales
+
+
+def train(model, optimizer, steps=3):
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 3, (4,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups, lr=LR, weight_decay=DECAY),
+    "sgd_momentum": lambda groups: torch.optim.SGD(groups, lr=LR * 100, momentum=0.9, weight_decay=DECAY),
+}
+
+
+@pytest.mark.parametrize("name, power, copied", [("adamw", 0.5, False), ("adamw", 1.0, True),
+                                                  ("sgd_momentum", 1.0, False)])
+def test_steps_equal_a_learning_rate_scaled_by_the_fan_in_ratio(name, power, copied):
+    torch.manual_seed(0)
+    dense = dense_vit()
+    scaled = scheme_patch(copy.deepcopy(dense), groups=4, expansion=8, block_lr_power=power)
+    if copied:  # a copy of a patched model (deepcopy, pickle) steps like the model it copies
+        scaled = copy.deepcopy(scaled)
+    reference = scheme_patch(copy.deepcopy(dense), groups=4, expansion=8)
+    plain = scheme_patch(copy.deepcopy(dense), groups=4, expansion=8)
+    reference.load_state_dict(scaled.state_dict())
+    plain.load_state_dict(scaled.state_dict())
+    make = OPTIMIZERS[name]
+    base_lr = make([torch.zeros(1, requires_grad=True)]).defaults["lr"]
+    scales = independent_scales(dense, power)
+    named = dict(reference.named_parameters())
+    groups = [{"params": [p for n, p in named.items() if n not in scales]}]
+    groups += [{"params": [named[n]], "lr": base_lr * s} for n, s in scales.items()]
+
+    train(scaled, make(scaled.parameters()))
+    train(reference, make(groups))
+    train(plain, make(plain.parameters()))
+
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(scaled.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    moved_more = [key for key in scales
+                  if not torch.allclose(plain.state_dict()[key], scaled.state_dict()[key], atol=1e-7)]
+    assert moved_more == list(scales)  # the stretch did something: the unscaled steps land elsewhere
+
+
+def test_only_steps_that_update_the_weight_are_stretched():
+    torch.manual_seed(0)
+    model = scheme_patch(dense_vit(), groups=4, expansion=8, block_lr_power=1.0)
+    fc1 = model.blocks[0].mlp.fc1
+    assert isinstance(fc1, BlockDiagonalLinear) and fc1.lr_scale == 4.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, torch.optim.AdamW(model.head.parameters(), lr=LR))  # an optimizer for the head alone
+    assert torch.equal(fc1.weight, before["blocks.0.mlp.fc1.weight"])
+    assert not torch.equal(model.head.weight, before["head.weight"])
+    model.blocks[1].mlp.fc2.weight.requires_grad_(False)                # a frozen block-diagonal weight
+    train(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR), steps=1)
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, before["blocks.1.mlp.fc2.weight"])
+    step = (fc1.weight.detach() - before["blocks.0.mlp.fc1.weight"]).abs().max()
+    assert 0 < float(step) <= 4 * LR * 1.01  # one AdamW step of at most lr per weight, stretched 4x
+
+
+def test_the_scale_follows_the_config_through_a_reload():
+    torch.manual_seed(0)
+    model = scheme_patch(dense_vit(), groups=4, expansion=8, block_lr_power=0.5)
+    config = SchemeConfig.from_dict(model.scheme_config.to_dict())
+    reloaded = patch_structure(dense_vit(), config)
+    scales = {n: m.lr_scale for n, m in model.named_modules() if isinstance(m, BlockDiagonalLinear)}
+    assert {n: m.lr_scale for n, m in reloaded.named_modules() if isinstance(m, BlockDiagonalLinear)} == scales
+    assert scales["blocks.0.mlp.fc1"] == 2.0 and math.isclose(scales["blocks.0.mlp.fc2"], 2 ** 0.5)
+    default = scheme_patch(dense_vit(), groups=4, expansion=8)
+    assert {m.lr_scale for m in default.modules() if isinstance(m, BlockDiagonalLinear)} == {1.0}
+
+
+def test_adapted_layers_scale_like_timms(registered_dw_mlp):
+    model = scheme_patch(registered_dw_mlp, groups=4, expansion=8, block_lr_power=1.0)
+    inner = model.mlp.inner
+    assert inner.proj_in.lr_scale == 4.0  # reads 64 channels where a block reads 16
+    assert inner.proj_out.lr_scale == 256 / (512 / 4)  # the dense 256 hidden units against a block's 128
+
+
+@pytest.mark.parametrize("power", [-0.5, 3, float("nan"), True, "1"])
+def test_bad_power_is_refused_naming_the_option(power):
+    with pytest.raises(ValueError, match="block_lr_power"):
+        scheme_patch(dense_vit(), groups=4, expansion=8, block_lr_power=power)
+
+
+@pytest.fixture
+def registered_dw_mlp():
+    from torch import nn
+
+    from timm_scheme import register_mlp_adapter, unregister_mlp_adapter
+
+    class DwMlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_in, self.act, self.proj_out = nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)
+
+        def forward(self, x):
+            return self.proj_out(self.act(self.proj_in(x)))
+
+    class Host(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = DwMlp()
+
+        def forward(self, x):
+            return x + self.mlp(x)
+
+    register_mlp_adapter(DwMlp, fc1="proj_in", fc2="proj_out")
+    yield Host()
+    unregister_mlp_adapter(DwMlp)
