@@ -5,8 +5,8 @@ at a size set by the learning rate and the decay, whatever the layer's fan-in: s
 of the channels ends up with smaller outputs than the dense layer it replaced. With
 ``SchemeConfig.block_lr_power = p``, every optimizer step that updates a block-diagonal weight is stretched by
 ``(dense fan-in / block fan-in) ** p``. For optimizers whose step is proportional to the learning rate (SGD,
-Adam, AdamW and its decoupled decay, LAMB) that is exactly the step of a parameter group with a learning rate
-that much larger, with no change to the training loop; p = 1 is muP's rule for Adam.
+Adam, AdamW with its decoupled decay) that is exactly the step of a parameter group with a learning rate that
+much larger, with no change to the training loop; p = 1 is muP's rule for Adam.
 
 The scale is a plain attribute set by the patch, and the stretch keeps no state between steps, so ``--resume``,
 DDP, gradient accumulation (one stretch per optimizer step), EMA copies and ``torch.compile`` see it alike. A
