@@ -12,6 +12,8 @@ from timm_scheme import SchemeConfig, scheme_patch
 from timm_scheme.layers import BlockDiagonalLinear
 from timm_scheme.patch import patch_structure
 
+from .test_adapters import TinyNet, registered  # noqa: F401  (the adapters of the user's own MLP classes)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 LR, DECAY = 1e-3, 0.05
 
@@ -107,41 +109,16 @@ def test_the_scale_follows_the_config_through_a_reload():
     assert {m.lr_scale for m in default.modules() if isinstance(m, BlockDiagonalLinear)} == {1.0}
 
 
-def test_adapted_layers_scale_like_timms(registered_dw_mlp):
-    model = scheme_patch(registered_dw_mlp, groups=4, expansion=8, block_lr_power=1.0)
-    inner = model.mlp.inner
-    assert inner.proj_in.lr_scale == 4.0  # reads 64 channels where a block reads 16
-    assert inner.proj_out.lr_scale == 256 / (512 / 4)  # the dense 256 hidden units against a block's 128
+def test_adapted_layers_scale_like_timms(registered):
+    model = scheme_patch(TinyNet(dim=32, hidden=64), groups=4, expansion=4, block_lr_power=1.0)
+    own, gated = model.mlp1.inner, model.mlp2.inner
+    # a first projection reads 32 channels where a block reads 8; the last reads the dense 64 hidden units where a
+    # block reads 128 / 4
+    assert (own.proj_in.lr_scale, gated.gate.lr_scale, gated.up.lr_scale) == (4.0, 4.0, 4.0)
+    assert (own.proj_out.lr_scale, gated.down.lr_scale) == (2.0, 2.0)
 
 
 @pytest.mark.parametrize("power", [-0.5, 3, float("nan"), True, "1"])
 def test_bad_power_is_refused_naming_the_option(power):
     with pytest.raises(ValueError, match="block_lr_power"):
         scheme_patch(dense_vit(), groups=4, expansion=8, block_lr_power=power)
-
-
-@pytest.fixture
-def registered_dw_mlp():
-    from torch import nn
-
-    from timm_scheme import register_mlp_adapter, unregister_mlp_adapter
-
-    class DwMlp(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj_in, self.act, self.proj_out = nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)
-
-        def forward(self, x):
-            return self.proj_out(self.act(self.proj_in(x)))
-
-    class Host(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = DwMlp()
-
-        def forward(self, x):
-            return x + self.mlp(x)
-
-    register_mlp_adapter(DwMlp, fc1="proj_in", fc2="proj_out")
-    yield Host()
-    unregister_mlp_adapter(DwMlp)
