@@ -163,6 +163,20 @@ def test_export_and_push(run_dir, tmp_path, monkeypatch, capsys):
             assert torch.equal(pulled(inputs()), local(inputs()))
 
 
+def test_export_of_a_dense_checkpoint_says_the_patch_line_is_missing(tmp_path, capsys):
+    """A checkpoint of train.py run without the scheme_patch line: the error says so and how to convert it."""
+    dense = timm.create_model(MODEL, pretrained=False, num_classes=10, img_size=32, **MODEL_KWARGS)
+    args = argparse.Namespace(model=MODEL, num_classes=10, img_size=32, in_chans=3, model_kwargs=dict(MODEL_KWARGS))
+    checkpoint = tmp_path / "dense.pth.tar"
+    torch.save({"state_dict": dense.state_dict(), "args": args}, checkpoint)
+    assert export("--checkpoint", checkpoint, "--output", tmp_path / "out") == 2
+    text = capsys.readouterr().out
+    width = dense.embed_dim * 4
+    assert f"blocks.0.mlp.fc1.weight is a dense ({width}, {dense.embed_dim}) tensor in the weights" in text
+    assert "weights of the unpatched model" in text and 'init="dense"' in text
+    assert not (tmp_path / "out").exists()
+
+
 class _Payload:
     """Pickles into a call of open(): loading it unrestricted would create the marker file."""
 

@@ -160,6 +160,14 @@ def _hints(missing: List[str], unexpected: List[str], mismatched: List[Tuple[str
     if any(map(is_cca, missing)):
         hints.append("the weights have no CCA mixing logits (a fused model, or cca=False) but the model was built "
                      "with CCA" + (": the config says fused=false" if spec and not spec.fused else ""))
+    dense = [(key, have) for key, have, want in mismatched if len(want) == 3 and len(have) != 3]
+    if dense:  # e.g. a checkpoint of timm's train.py run without the scheme_patch line
+        key, have = dense[0]
+        hints.append(f"{key} is a dense {have} tensor in the weights, block diagonal in the model: these are the "
+                     "weights of the unpatched model (was scheme_patch applied after create_model in the training "
+                     "script?); to start SCHEME from them, load them into the dense model and call "
+                     "scheme_patch(model, ..., init=\"dense\") (timm-scheme train --init dense --initial-checkpoint "
+                     "PATH)")
     for key, have, want in mismatched:
         if key.endswith(("fc1.weight", "fc2.weight")) and len(have) == 3 and len(want) == 3:
             hints.append(f"{key} is block diagonal with groups={have[0]} in the weights but groups={want[0]} in the "
