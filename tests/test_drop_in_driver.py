@@ -73,3 +73,43 @@ def test_driver_refuses_a_folder_without_timms_scripts(tmp_path, capsys):
     with pytest.raises(SystemExit):
         driver().main(["--timm-dir", str(tmp_path), "--out", str(tmp_path / "out")])
     assert f"--timm-dir {tmp_path} has no train.py" in capsys.readouterr().err
+
+
+def test_mlp_output_norms_loads_dense_and_patched_checkpoints_and_measures_each_mlp(tmp_path):
+    """The norms script rebuilds each checkpoint as trained (dense or patched) and reports every MLP's input and
+    output norms, recomputed here from the first block's own layers."""
+    import argparse as _argparse
+
+    import timm
+    import torch
+
+    import timm_scheme
+
+    spec = importlib.util.spec_from_file_location("mlp_output_norms", DROP_IN / "mlp_output_norms.py")
+    norms_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(norms_script)
+    kwargs = dict(img_size=32, patch_size=8, depth=2, num_classes=3)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for patched in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", **kwargs)
+        if patched:
+            timm_scheme.scheme_patch(model, groups=4, expansion=8)
+        args = _argparse.Namespace(model="vit_tiny_patch16_224", num_classes=3, img_size=32,
+                                   model_kwargs=dict(patch_size=8, depth=2))
+        path = tmp_path / f"{patched}.pth.tar"
+        torch.save({"state_dict": model.state_dict(), "args": args}, path)
+        loaded, train_args = norms_script.load(path)
+        model.eval()
+        assert train_args["model"] == "vit_tiny_patch16_224" and not loaded.training
+        assert isinstance(loaded.blocks[0].mlp, type(model.blocks[0].mlp))
+        with torch.no_grad():
+            assert torch.equal(loaded(images), model(images))
+            block = model.blocks[0]
+            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+            mlp_in = block.norm2(x + block.ls1(block.attn(block.norm1(x))))
+            mlp_out = block.mlp(mlp_in)
+        measured = norms_script.mlp_norms(loaded, images)
+        assert list(measured) == ["blocks.0.mlp", "blocks.1.mlp"]
+        assert measured["blocks.0.mlp"] == pytest.approx((float(mlp_in.norm(dim=-1).mean()),
+                                                          float(mlp_out.norm(dim=-1).mean())), rel=1e-5)
