@@ -113,3 +113,7 @@ def test_mlp_output_norms_loads_dense_and_patched_checkpoints_and_measures_each_
         assert list(measured) == ["blocks.0.mlp", "blocks.1.mlp"]
         assert measured["blocks.0.mlp"] == pytest.approx((float(mlp_in.norm(dim=-1).mean()),
                                                           float(mlp_out.norm(dim=-1).mean())), rel=1e-5)
+    bare = tmp_path / "bare.pth"
+    torch.save(model.state_dict(), bare)
+    with pytest.raises(SystemExit, match="does not record its model"):
+        norms_script.load(bare)

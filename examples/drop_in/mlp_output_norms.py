@@ -25,6 +25,9 @@ def load(path: Path) -> Tuple[torch.nn.Module, Dict]:
     """The checkpoint's model in eval mode, dense or patched as its weights show, and train.py's args."""
     state, info = read_training_checkpoint(path)
     args = info.get("args") or {}
+    if not args.get("model"):
+        raise SystemExit(f"{path}: the checkpoint does not record its model (train.py's args); give checkpoints "
+                         "written by timm's train.py")
     if not any(v.dim() == 3 and k.endswith("fc1.weight") for k, v in state.items()):  # no block-diagonal MLP
         kwargs = {k: args[k] for k in ("num_classes", "img_size", "in_chans") if args.get(k) is not None}
         model = timm.create_model(args["model"], pretrained=False, **{**kwargs, **(args.get("model_kwargs") or {})})
