@@ -17,7 +17,7 @@ import timm
 import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
 
-from timm_scheme.io.training_checkpoint import rebuild
+from timm_scheme.io.training_checkpoint import _model_kwargs, _structure_of, rebuild
 from timm_scheme.io.weights import read_training_checkpoint
 
 
@@ -28,12 +28,11 @@ def load(path: Path) -> Tuple[torch.nn.Module, Dict]:
     if not args.get("model"):
         raise SystemExit(f"{path}: the checkpoint does not record its model (train.py's args); give checkpoints "
                          "written by timm's train.py")
-    if not any(v.dim() == 3 and k.endswith("fc1.weight") for k, v in state.items()):  # no block-diagonal MLP
-        kwargs = {k: args[k] for k in ("num_classes", "img_size", "in_chans") if args.get(k) is not None}
-        model = timm.create_model(args["model"], pretrained=False, **{**kwargs, **(args.get("model_kwargs") or {})})
-        model.load_state_dict(state)
-    else:
+    if _structure_of(state):  # block-diagonal MLPs: rebuilt as patched
         model = rebuild(path).model
+    else:  # the dense model, built from train.py's args as rebuild builds its base model
+        model = timm.create_model(args["model"], pretrained=False, **_model_kwargs(args["model"], {}, args, state, []))
+        model.load_state_dict(state)
     return model.eval(), args
 
 
