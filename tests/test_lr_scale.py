@@ -122,3 +122,77 @@ def test_adapted_layers_scale_like_timms(registered):
 def test_bad_power_is_refused_naming_the_option(power):
     with pytest.raises(ValueError, match="block_lr_power"):
         scheme_patch(dense_vit(), groups=4, expansion=8, block_lr_power=power)
+
+
+# --- block_multiplier_power: steps as under an output multiplier, checked against torch's parametrize ----------
+
+class _Times(torch.nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, v):
+        return v * self.factor
+
+
+@pytest.mark.parametrize("name, power, copied", [("adamw", 0.5, False), ("adamw", 1.0, True),
+                                                  ("sgd_momentum", 0.5, False)])
+def test_steps_equal_those_under_an_output_multiplier(name, power, copied):
+    """The reference holds V = W / m and computes the weight as m * V through torch.nn.utils.parametrize, so the
+    optimizer steps on V with the gradient the multiplier gives: what the patched model must do with no
+    parametrization at all."""
+    torch.manual_seed(0)
+    dense = dense_vit()
+    scaled = scheme_patch(copy.deepcopy(dense), groups=4, expansion=8, block_multiplier_power=power)
+    if copied:
+        scaled = copy.deepcopy(scaled)
+    plain = scheme_patch(copy.deepcopy(dense), groups=4, expansion=8)
+    plain.load_state_dict(scaled.state_dict())
+    reference = scheme_patch(copy.deepcopy(dense), groups=4, expansion=8)
+    reference.load_state_dict(scaled.state_dict())
+    multipliers = independent_scales(dense, power)
+    for key, m in multipliers.items():
+        layer = reference.get_submodule(key.rsplit(".", 1)[0])
+        with torch.no_grad():
+            layer.weight.div_(m)
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", _Times(m))
+
+    train(scaled, OPTIMIZERS[name](scaled.parameters()))
+    train(reference, OPTIMIZERS[name](reference.parameters()))
+    train(plain, OPTIMIZERS[name](plain.parameters()))
+
+    got, plain_state = scaled.state_dict(), plain.state_dict()
+    for key, value in reference.named_parameters():
+        key = key.replace(".parametrizations.weight.original", ".weight")
+        expected = value.detach() * multipliers[key] if key in multipliers else value.detach()
+        torch.testing.assert_close(got[key], expected, rtol=1e-5, atol=1e-6, msg=key)
+    moved_otherwise = [key for key in multipliers if not torch.allclose(plain_state[key], got[key], atol=1e-7)]
+    assert moved_otherwise == list(multipliers)  # without the multiplier the steps land elsewhere
+
+
+def test_the_multiplier_scales_the_start_and_leaves_gradients_as_the_loss_gave_them():
+    torch.manual_seed(0)
+    dense = dense_vit()
+    torch.manual_seed(1)
+    plain = scheme_patch(copy.deepcopy(dense), groups=4, expansion=8)
+    torch.manual_seed(1)
+    loud = scheme_patch(copy.deepcopy(dense), groups=4, expansion=8, block_multiplier_power=0.5)
+    for key, m in independent_scales(dense, 0.5).items():
+        # same draws, m times larger: fc1 reads 4x the channels of a block (m = 2), fc2 2x (m = 1.41)
+        torch.testing.assert_close(loud.state_dict()[key], plain.state_dict()[key] * m)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    F.cross_entropy(loud(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in loud.named_parameters()}
+    torch.optim.AdamW(loud.head.parameters(), lr=LR).step()  # a step that does not hold the blocks
+    optimizer = torch.optim.AdamW(loud.parameters(), lr=LR)
+    optimizer.step()
+    for n, p in loud.named_parameters():  # (times m, then divided by it: equal up to one rounding)
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-6, atol=0, msg=n)
+    fc1 = loud.blocks[0].mlp.fc1
+    assert fc1.multiplier == 2.0 and {m.multiplier for m in plain.modules() if hasattr(m, "multiplier")} == {1.0}
+
+
+@pytest.mark.parametrize("power", [-0.5, 3, float("nan"), True, "1"])
+def test_bad_multiplier_power_is_refused_naming_the_option(power):
+    with pytest.raises(ValueError, match="block_multiplier_power"):
+        scheme_patch(dense_vit(), groups=4, expansion=8, block_multiplier_power=power)

@@ -57,6 +57,10 @@ class SchemeConfig:
         block_lr_power: optimizer steps on each block-diagonal weight are stretched by (fan-in of the dense
             layer it replaces / its block's fan-in) ** power, as a learning rate that much larger would
             (``timm_scheme.lr_scale``): 0 leaves them as they are, 1 is muP's rule for Adam.
+        block_multiplier_power: each block-diagonal weight trains as if the block's output were multiplied by
+            m = (fan-in of the dense layer it replaces / its block's fan-in) ** power (``timm_scheme.lr_scale``):
+            drawn m times the host's spread, stepped as under that multiplier; the stored weight is the one the
+            forward uses, so fusing and export are unchanged. 0.5 starts each block as loud as the dense layer.
     """
 
     groups: int = 4
@@ -75,6 +79,7 @@ class SchemeConfig:
     skip_unfit: bool = False
     channel_shuffle: bool = False
     block_lr_power: float = 0.0
+    block_multiplier_power: float = 0.0
 
     def __post_init__(self):
         # resolved here, so config.json records the values in effect
@@ -100,10 +105,11 @@ class SchemeConfig:
             raise ValueError(f"cca_skip_threshold={self.cca_skip_threshold!r}: expected 0 <= value < 1")
         if not 0.0 <= self.fuse_warn_threshold <= 1.0:
             raise ValueError(f"fuse_warn_threshold={self.fuse_warn_threshold!r}: expected 0 <= value <= 1")
-        if isinstance(self.block_lr_power, bool) or not isinstance(self.block_lr_power, (int, float)) \
-                or not (0.0 <= self.block_lr_power <= 2.0):
-            raise ValueError(f"block_lr_power={self.block_lr_power!r}: expected a number in [0, 2] (0: the "
-                             "optimizer's own steps, 0.5 or 1: larger steps for blocks that read fewer channels)")
+        for name, meaning in (("block_lr_power", "larger steps"), ("block_multiplier_power", "a larger multiplier")):
+            power = getattr(self, name)
+            if isinstance(power, bool) or not isinstance(power, (int, float)) or not (0.0 <= power <= 2.0):
+                raise ValueError(f"{name}={power!r}: expected a number in [0, 2] (0: off, 0.5 or 1: {meaning} "
+                                 "for blocks that read fewer channels)")
         if self.init not in INIT_MODES:
             raise ValueError(f"init={self.init!r}: expected one of {INIT_MODES}")
         if self.cca_anneal_steps is not None and (isinstance(self.cca_anneal_steps, bool)

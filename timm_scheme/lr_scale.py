@@ -1,16 +1,25 @@
-"""Block-diagonal projections that learn at the pace of the dense layers they replace (``block_lr_power``).
+"""How block-diagonal projections learn relative to the dense layers they replace: ``block_lr_power`` and
+``block_multiplier_power``, both through optimizer step hooks, with no change to the training loop.
 
 Adam-type optimizers move every weight by about the learning rate, and decoupled weight decay holds each weight
 at a size set by the learning rate and the decay, whatever the layer's fan-in: so a block that reads 1/groups
-of the channels ends up with smaller outputs than the dense layer it replaced. With
-``SchemeConfig.block_lr_power = p``, every optimizer step that updates a block-diagonal weight is stretched by
-``(dense fan-in / block fan-in) ** p``. For optimizers whose step is proportional to the learning rate (SGD,
-Adam, AdamW with its decoupled decay) that is exactly the step of a parameter group with a learning rate that
-much larger, with no change to the training loop; p = 1 is muP's rule for Adam.
+of the channels ends up with smaller outputs than the dense layer it replaced.
 
-The scale is a plain attribute set by the patch, and the stretch keeps no state between steps, so ``--resume``,
-DDP, gradient accumulation (one stretch per optimizer step), EMA copies and ``torch.compile`` see it alike. A
-step keeps one copy of the weights it stretches while it runs.
+- ``block_lr_power = p``: every optimizer step that updates a block-diagonal weight is stretched by
+  ``(dense fan-in / block fan-in) ** p``. For optimizers whose step is proportional to the learning rate (SGD,
+  Adam, AdamW with its decoupled decay) that is exactly the step of a parameter group with a learning rate that
+  much larger. The decay is stretched with the step, so AdamW's equilibrium weight size hardly moves.
+- ``block_multiplier_power = p``: the weight trains as ``m * V`` would, with ``m = (dense fan-in / block
+  fan-in) ** p`` a constant output multiplier (muP's parametrisation): it starts ``m`` times the host's spread,
+  and for any optimizer each step is taken on ``V = W / m`` with the gradient ``m * dL/dW`` that the multiplier
+  gives, then mapped back. The stored weight stays ``W``, the weight the forward uses, so nothing else (fusing,
+  checkpoints, export, tracing) knows of ``m``. For AdamW the step on ``W`` is ``m`` times larger while the decay
+  rate is not, so the weights settle ``m`` times larger: the blocks speak as loud as the dense layer.
+
+The scales are plain attributes set by the patch from the config, and the hooks keep no state between steps, so
+``--resume``, DDP, gradient accumulation (one step per optimizer step), EMA copies and ``torch.compile`` see them
+alike. Gradient clipping before the step sees the gradients of ``W`` (a multiplier in the forward would show it
+``m`` times larger ones). A stretched step keeps one copy of the weights it stretches while it runs.
 """
 from __future__ import annotations
 
@@ -22,7 +31,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 _SCALED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-_BEFORE: Dict[int, List[Tuple[torch.Tensor, torch.Tensor, float]]] = {}  # id(optimizer) -> (weight, copy, scale)
+# id(optimizer) -> (layer, weight, copy before the step or None) for the layers that step
+_STEPPING: Dict[int, List[Tuple[nn.Module, torch.Tensor, Any]]] = {}
 
 
 def fan_in(layer: nn.Module) -> int:
@@ -30,32 +40,61 @@ def fan_in(layer: nn.Module) -> int:
     return int(layer.weight[0].numel())
 
 
+def fan_in_ratio(new: nn.Module, olds: Sequence[nn.Module]) -> float:
+    """Fan-in of the dense layer(s) ``olds`` over that of one block of ``new`` (several olds: a gated pair packed
+    into one)."""
+    return fan_in(olds[0]) / new.weight.shape[-1]
+
+
 def set_lr_scale(new: nn.Module, olds: Sequence[nn.Module], power: float) -> None:
-    """Give block-diagonal projection ``new`` the learning-rate scale ``(fan-in of olds / its block's) ** power``
-    (``olds``: the dense layers it replaces, several for a gated pair packed into one)."""
-    new.lr_scale = (fan_in(olds[0]) / new.weight.shape[-1]) ** power
+    """Give block-diagonal projection ``new`` the learning-rate scale ``(fan-in ratio to olds) ** power``."""
+    new.lr_scale = fan_in_ratio(new, olds) ** power
+    track(new)
+
+
+@torch.no_grad()
+def set_multiplier(new: nn.Module, olds: Sequence[nn.Module], power: float) -> None:
+    """Make block-diagonal projection ``new`` train as under the output multiplier ``(fan-in ratio) ** power``:
+    its freshly drawn weight (drawn like ``olds``) is scaled by it, and its steps follow it."""
+    new.multiplier = fan_in_ratio(new, olds) ** power
+    if new.multiplier != 1.0 and not new.weight.is_meta:
+        new.weight.mul_(new.multiplier)
     track(new)
 
 
 def track(layer: nn.Module) -> None:
-    """Let optimizer steps stretch ``layer``'s weight by its ``lr_scale`` (copies of a layer ask for it too)."""
-    if layer.lr_scale != 1.0:
+    """Let optimizer steps scale ``layer``'s weight (copies of a layer ask for it too)."""
+    if layer.lr_scale != 1.0 or layer.multiplier != 1.0:
         _SCALED.add(layer)
 
 
+@torch.no_grad()
 def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    layers = [layer for layer in list(_SCALED) if layer.lr_scale != 1.0]
+    layers = [layer for layer in list(_SCALED) if layer.lr_scale != 1.0 or layer.multiplier != 1.0]
     if not layers:
         return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    _BEFORE[id(optimizer)] = [(layer.weight, layer.weight.detach().clone(), layer.lr_scale) for layer in layers
-                              if id(layer.weight) in held and layer.weight.grad is not None]
+    stepping = []
+    for layer in layers:
+        weight = layer.weight
+        if id(weight) not in held or weight.grad is None:
+            continue
+        if layer.multiplier != 1.0:  # step on V = W / m with dL/dV = m * dL/dW
+            weight.div_(layer.multiplier)
+            weight.grad.mul_(layer.multiplier)
+        stepping.append((layer, weight, weight.detach().clone() if layer.lr_scale != 1.0 else None))
+    _STEPPING[id(optimizer)] = stepping
 
 
 @torch.no_grad()
 def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for weight, before, scale in _BEFORE.pop(id(optimizer), ()):
-        weight.sub_(before).mul_(scale).add_(before)
+    for layer, weight, before in _STEPPING.pop(id(optimizer), ()):
+        if before is not None:
+            weight.sub_(before).mul_(layer.lr_scale).add_(before)
+        if layer.multiplier != 1.0:
+            weight.mul_(layer.multiplier)
+            if weight.grad is not None:  # the gradient as the loss gave it, for whatever reads it after the step
+                weight.grad.div_(layer.multiplier)
 
 
 register_optimizer_step_pre_hook(_before_step)

@@ -66,6 +66,8 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     # block-diagonal weights step as with a learning rate (dense fan-in / block fan-in) ** power times larger
     "scheme_lr_sqrt": {"groups": 4, "expansion": 8, "block_lr_power": 0.5},
     "scheme_lr_fan_in": {"groups": 4, "expansion": 8, "block_lr_power": 1.0},
+    # block-diagonal weights trained as under an output multiplier (dense fan-in / block fan-in) ** 0.5 (muP)
+    "scheme_mult_sqrt": {"groups": 4, "expansion": 8, "block_multiplier_power": 0.5},
 }
 
 

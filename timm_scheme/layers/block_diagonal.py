@@ -16,6 +16,7 @@ from ..lr_scale import track
 
 class _BlockDiagonal(nn.Module):
     lr_scale: float = 1.0  # optimizer steps on the weight are stretched by this (timm_scheme.lr_scale)
+    multiplier: float = 1.0  # the weight trains as this output multiplier would make it (timm_scheme.lr_scale)
 
     def __init__(
             self,
@@ -41,7 +42,7 @@ class _BlockDiagonal(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        track(self)  # a copy (deepcopy, pickle) learns at the pace of the layer it copies
+        track(self)  # a copy (deepcopy, pickle) learns as the layer it copies does
 
     def reset_parameters(self):
         # nn.Linear's default init, applied per block (fan-in is one group's width); scheme_patch redraws the
