@@ -8,7 +8,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from timm_scheme import SchemeConfig, scheme_patch
+from timm_scheme import SchemeConfig, fuse_for_inference, scheme_patch
+from timm_scheme.io import save_pretrained
 from timm_scheme.layers import BlockDiagonalLinear
 from timm_scheme.patch import patch_structure
 
@@ -99,11 +100,14 @@ def test_only_steps_that_update_the_weight_are_stretched():
 
 def test_the_scale_follows_the_config_through_a_reload():
     torch.manual_seed(0)
-    model = scheme_patch(dense_vit(), groups=4, expansion=8, block_lr_power=0.5)
+    model = scheme_patch(dense_vit(), groups=4, expansion=8, block_lr_power=0.5, block_multiplier_power=1.0)
     config = SchemeConfig.from_dict(model.scheme_config.to_dict())
     reloaded = patch_structure(dense_vit(), config)
     scales = {n: m.lr_scale for n, m in model.named_modules() if isinstance(m, BlockDiagonalLinear)}
     assert {n: m.lr_scale for n, m in reloaded.named_modules() if isinstance(m, BlockDiagonalLinear)} == scales
+    multipliers = {n: m.multiplier for n, m in reloaded.named_modules() if isinstance(m, BlockDiagonalLinear)}
+    assert multipliers.keys() == scales.keys()
+    assert all(math.isclose(multipliers[n], s ** 2) for n, s in scales.items())  # power 1 against 0.5
     assert scales["blocks.0.mlp.fc1"] == 2.0 and math.isclose(scales["blocks.0.mlp.fc2"], 2 ** 0.5)
     default = scheme_patch(dense_vit(), groups=4, expansion=8)
     assert {m.lr_scale for m in default.modules() if isinstance(m, BlockDiagonalLinear)} == {1.0}
@@ -116,6 +120,9 @@ def test_adapted_layers_scale_like_timms(registered):
     # block reads 128 / 4
     assert (own.proj_in.lr_scale, gated.gate.lr_scale, gated.up.lr_scale) == (4.0, 4.0, 4.0)
     assert (own.proj_out.lr_scale, gated.down.lr_scale) == (2.0, 2.0)
+    loud = scheme_patch(TinyNet(dim=32, hidden=64), groups=4, expansion=4, block_multiplier_power=1.0)
+    own, gated = loud.mlp1.inner, loud.mlp2.inner
+    assert (own.proj_in.multiplier, gated.gate.multiplier, own.proj_out.multiplier) == (4.0, 4.0, 2.0)
 
 
 @pytest.mark.parametrize("power", [-0.5, 3, float("nan"), True, "1"])
@@ -196,3 +203,21 @@ def test_the_multiplier_scales_the_start_and_leaves_gradients_as_the_loss_gave_t
 def test_bad_multiplier_power_is_refused_naming_the_option(power):
     with pytest.raises(ValueError, match="block_multiplier_power"):
         scheme_patch(dense_vit(), groups=4, expansion=8, block_multiplier_power=power)
+
+
+def test_a_trained_model_under_a_multiplier_fuses_saves_and_loads_as_it_computes(tmp_path):
+    """The multiplier lives in the optimizer steps only: the fused export loaded by timm computes what the trained
+    model's eval forward did, with no factor applied twice on the way."""
+    torch.manual_seed(0)
+    model = scheme_patch(dense_vit(), groups=4, expansion=8, block_multiplier_power=0.5)
+    train(model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=DECAY))
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    fuse_for_inference(model, x)
+    save_pretrained(model, tmp_path / "ckpt")
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'ckpt'}", pretrained=True).eval()
+    assert loaded.scheme_config.block_multiplier_power == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), before, rtol=1e-5, atol=1e-5)
