@@ -117,3 +117,17 @@ def test_mlp_output_norms_loads_dense_and_patched_checkpoints_and_measures_each_
     torch.save(model.state_dict(), bare)
     with pytest.raises(SystemExit, match="does not record its model"):
         norms_script.load(bare)
+
+
+def test_a_finished_training_is_kept_and_an_unfinished_one_runs_again(tmp_path):
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "args.yaml").write_text("epochs: 3\n")
+    (train / "summary.csv").write_text("epoch,train_loss\n0,2.3\n1,2.1\n2,1.9\n")
+    finished = driver().finished_training_s
+    assert finished(train, 3) is None  # no last checkpoint yet: the run was stopped before its end
+    (train / "last.pth.tar").write_bytes(b"weights")
+    os.utime(train / "args.yaml", (1000.0, 1000.0))
+    os.utime(train / "last.pth.tar", (1600.0, 1600.0))
+    assert finished(train, 3) == 600.0  # from the files' own times
+    assert finished(train, 4) is None  # fewer epochs than asked for: trained again

@@ -225,3 +225,31 @@ def test_export_errors(run_dir, tmp_path, capsys):
     assert export("--checkpoint", bare, "--output", tmp_path / "e") == 2
     assert "--model is required" in capsys.readouterr().out
     assert not any((tmp_path / n).exists() for n in "abcde")
+
+
+def test_threads_read_training_checkpoints_at_once(run_dir):
+    """torch's allow-list for weights_only loads is process-wide: concurrent reads (a driver finishing two runs
+    at once) must not take argparse.Namespace off it under each other."""
+    import threading
+
+    from timm_scheme.io.weights import read_training_checkpoint
+
+    checkpoint = run_dir / "model_best.pth.tar"
+    expected = reference(checkpoint).state_dict()
+    failures, start = [], threading.Barrier(4)
+
+    def read_repeatedly():
+        start.wait()
+        for _ in range(6):
+            try:
+                state, info = read_training_checkpoint(checkpoint)
+                assert info["args"]["model"] == MODEL and state.keys() == expected.keys()
+            except Exception as e:  # noqa: BLE001  (collected and shown below)
+                failures.append(repr(e)[:200])
+
+    threads = [threading.Thread(target=read_repeatedly) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []

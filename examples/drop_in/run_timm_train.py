@@ -11,7 +11,7 @@ image folder:
     python examples/drop_in/run_timm_train.py --timm-dir ~/src/pytorch-image-models --out out/drop_in --jobs 2
 
 Results: ``<out>/results.json`` (every run) and ``<out>/results.md`` (mean and per seed). Finished runs are
-kept, so an interrupted sweep continues where it stopped.
+kept, so an interrupted sweep continues where it stopped (a run whose training had finished is not trained again).
 """
 from __future__ import annotations
 
@@ -194,10 +194,16 @@ def one_run(args: argparse.Namespace, family: str, variant: str, seed: int, step
     if options is not None:
         options = {k: (steps if v == "{steps}" else v) for k, v in options.items()}
     started = time.time()
-    patch = ["--scheme", json.dumps(options)] if options is not None else []
-    run([sys.executable, str(HERE / "with_patch.py"), *patch, str(args.timm_dir / "train.py"), str(data), *RECIPE,
-         *FAMILIES[family], "--epochs", str(args.epochs), "--seed", str(seed), "--output", str(folder),
-         "--experiment", "train"], log)
+    trained_s = finished_training_s(folder / "train", args.epochs)
+    if trained_s is None:
+        patch = ["--scheme", json.dumps(options)] if options is not None else []
+        run([sys.executable, str(HERE / "with_patch.py"), *patch, str(args.timm_dir / "train.py"), str(data),
+             *RECIPE, *FAMILIES[family], "--epochs", str(args.epochs), "--seed", str(seed), "--output", str(folder),
+             "--experiment", "train"], log)
+    else:  # a sweep stopped after this run's training: the steps after it only
+        with open(log, "a") as f:
+            f.write(f"training finished earlier ({trained_s:.0f} s by its files' times): kept\n")
+        started -= trained_s
     with open(folder / "train" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     record: Dict[str, Any] = dict(family=family, variant=variant, seed=seed, options=options,
@@ -217,6 +223,18 @@ def one_run(args: argparse.Namespace, family: str, variant: str, seed: int, step
     record = with_calibrated(record, folder, data)
     print(f"{name}: {record}", flush=True)
     return record
+
+
+def finished_training_s(train_dir: Path, epochs: int) -> Optional[float]:
+    """Seconds a finished train.py run took (its args.yaml to its last checkpoint), or None when it has not
+    finished all ``epochs`` (then it is run again from the start)."""
+    summary, last, started = train_dir / "summary.csv", train_dir / "last.pth.tar", train_dir / "args.yaml"
+    if not (summary.is_file() and last.is_file() and started.is_file()):
+        return None
+    with open(summary) as f:
+        if len(list(csv.DictReader(f))) != epochs:
+            return None
+    return last.stat().st_mtime - started.stat().st_mtime
 
 
 def with_calibrated(record: Dict[str, Any], folder: Path, data: Path) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import struct
+import threading
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -23,6 +24,7 @@ from .format import FORMAT_VERSION, CheckpointFormatError, CheckpointSpec
 
 DIGEST_KEY = "weights_sha256"
 _CCA_TENSORS = SchemeMlp.TRAINING_STATE
+_SAFE_GLOBALS_LOCK = threading.Lock()
 
 
 def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -192,8 +194,10 @@ def read_training_checkpoint(path: os.PathLike, *, use_ema: bool = False) -> Tup
         except SafetensorError as e:
             raise CheckpointFormatError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
     try:
-        # timm's train script stores its argparse.Namespace under 'args'; it is a plain attribute bag
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # timm's train script stores its argparse.Namespace under 'args'; it is a plain attribute bag. The
+        # allow-list is process-wide and restored on exit: one load at a time, or a thread finishing its load
+        # would take Namespace off the list under another's
+        with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointFormatError(
