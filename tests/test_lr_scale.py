@@ -221,3 +221,32 @@ def test_a_trained_model_under_a_multiplier_fuses_saves_and_loads_as_it_computes
     assert loaded.scheme_config.block_multiplier_power == 0.5
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_stopped_and_resumed_under_a_multiplier_repeats_the_uninterrupted_one():
+    """The hooks keep no state: model and optimizer state dicts (what timm's --resume restores) carry it all."""
+    torch.manual_seed(0)
+    dense = dense_vit()
+    start = scheme_patch(copy.deepcopy(dense), groups=4, expansion=8, block_multiplier_power=0.5)
+    batches = [(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 0]))
+               for i in range(4)]
+
+    def steps(model, optimizer, chosen):
+        for x, y in chosen:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    straight = copy.deepcopy(start)
+    steps(straight, torch.optim.AdamW(straight.parameters(), lr=LR, weight_decay=DECAY), batches)
+    first = copy.deepcopy(start)
+    optimizer = torch.optim.AdamW(first.parameters(), lr=LR, weight_decay=DECAY)
+    steps(first, optimizer, batches[:2])
+    saved = copy.deepcopy({"model": first.state_dict(), "optimizer": optimizer.state_dict()})
+    resumed = scheme_patch(copy.deepcopy(dense), groups=4, expansion=8, block_multiplier_power=0.5)
+    resumed.load_state_dict(saved["model"])
+    optimizer = torch.optim.AdamW(resumed.parameters(), lr=LR, weight_decay=DECAY)
+    optimizer.load_state_dict(saved["optimizer"])
+    steps(resumed, optimizer, batches[2:])
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
