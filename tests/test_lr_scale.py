@@ -250,3 +250,15 @@ def test_a_run_stopped_and_resumed_under_a_multiplier_repeats_the_uninterrupted_
     steps(resumed, optimizer, batches[2:])
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_converted_dense_weights_are_kept_as_they_are_under_a_multiplier():
+    """init="dense" converts the pretrained function: those are the weights the forward uses, not a start to
+    scale."""
+    torch.manual_seed(0)
+    dense = dense_vit()
+    converted = scheme_patch(copy.deepcopy(dense), groups=4, expansion=4, init="dense")
+    loud = scheme_patch(copy.deepcopy(dense), groups=4, expansion=4, init="dense", block_multiplier_power=0.5)
+    assert loud.blocks[0].mlp.fc1.multiplier == 2.0
+    for key, value in converted.state_dict().items():
+        assert torch.equal(loud.state_dict()[key], value), key

@@ -19,7 +19,8 @@ of the channels ends up with smaller outputs than the dense layer it replaced.
 The scales are plain attributes set by the patch from the config, and the hooks keep no state between steps, so
 ``--resume``, DDP, gradient accumulation (one step per optimizer step), EMA copies and ``torch.compile`` see them
 alike. Gradient clipping before the step sees the gradients of ``W`` (a multiplier in the forward would show it
-``m`` times larger ones). A stretched step keeps one copy of the weights it stretches while it runs.
+``m`` times larger ones). A stretched step keeps one copy of the weights it stretches while it runs. An optimizer
+step that raises leaves the weights it was stepping at ``W / m``: do not save a model whose step failed.
 """
 from __future__ import annotations
 
