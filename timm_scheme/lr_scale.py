@@ -20,7 +20,8 @@ The scales are plain attributes set by the patch from the config, and the hooks 
 ``--resume``, DDP, gradient accumulation (one step per optimizer step), EMA copies and ``torch.compile`` see them
 alike. Gradient clipping before the step sees the gradients of ``W`` (a multiplier in the forward would show it
 ``m`` times larger ones). A stretched step keeps one copy of the weights it stretches while it runs. An optimizer
-step that raises leaves the weights it was stepping at ``W / m``: do not save a model whose step failed.
+step that raises leaves the weights it was stepping at ``W / m``: do not save a model whose step failed. Steps
+with a closure (LBFGS) are refused under a multiplier, since the closure would run the model on ``W / m``.
 """
 from __future__ import annotations
 
@@ -80,11 +81,21 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
         weight = layer.weight
         if id(weight) not in held or weight.grad is None:
             continue
+        if layer.multiplier != 1.0 and _closure(args, kwargs) is not None:
+            raise ValueError(
+                f"{type(optimizer).__name__}.step(closure): block_multiplier_power takes the step on W / m, so a "
+                "closure that runs the model inside the step would see those weights; use an optimizer stepped "
+                "without a closure (SGD, Adam, AdamW, timm's optimizers) or block_multiplier_power=0")
         if layer.multiplier != 1.0:  # step on V = W / m with dL/dV = m * dL/dW
             weight.div_(layer.multiplier)
             weight.grad.mul_(layer.multiplier)
         stepping.append((layer, weight, weight.detach().clone() if layer.lr_scale != 1.0 else None))
     _STEPPING[id(optimizer)] = stepping
+
+
+def _closure(args: Any, kwargs: Any) -> Any:
+    # the hooks get step's own arguments, the optimizer first: step(self, closure=None)
+    return args[1] if len(args) > 1 else kwargs.get("closure")
 
 
 @torch.no_grad()
