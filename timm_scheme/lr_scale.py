@@ -76,16 +76,17 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
     if not layers:
         return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    layers = [layer for layer in layers if id(layer.weight) in held]
+    if _closure(args, kwargs) is not None and any(layer.multiplier != 1.0 for layer in layers):
+        raise ValueError(
+            f"{type(optimizer).__name__}.step(closure): block_multiplier_power takes the step on W / m, so a "
+            "closure that runs the model inside the step would see those weights; use an optimizer stepped "
+            "without a closure (SGD, Adam, AdamW, timm's optimizers) or block_multiplier_power=0")
     stepping = []
     for layer in layers:
         weight = layer.weight
-        if id(weight) not in held or weight.grad is None:
+        if weight.grad is None:
             continue
-        if layer.multiplier != 1.0 and _closure(args, kwargs) is not None:
-            raise ValueError(
-                f"{type(optimizer).__name__}.step(closure): block_multiplier_power takes the step on W / m, so a "
-                "closure that runs the model inside the step would see those weights; use an optimizer stepped "
-                "without a closure (SGD, Adam, AdamW, timm's optimizers) or block_multiplier_power=0")
         if layer.multiplier != 1.0:  # step on V = W / m with dL/dV = m * dL/dW
             weight.div_(layer.multiplier)
             weight.grad.mul_(layer.multiplier)
