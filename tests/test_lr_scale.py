@@ -266,29 +266,25 @@ def test_converted_dense_weights_are_kept_as_they_are_under_a_multiplier():
 
 def test_a_step_with_a_closure_is_refused_under_a_multiplier_before_it_moves_anything():
     torch.manual_seed(0)
-    model = scheme_patch(dense_vit(), groups=4, expansion=8, block_multiplier_power=0.5)
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
 
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    def lbfgs_and_closure(model):
+        optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
 
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        return optimizer, closure
+
+    model = scheme_patch(dense_vit(), groups=4, expansion=8, block_multiplier_power=0.5)
+    optimizer, closure = lbfgs_and_closure(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for _ in range(2):  # with no gradients yet (LBFGS computes them in the closure), then with them
         with pytest.raises(ValueError, match="block_multiplier_power.*closure|closure.*block_multiplier_power"):
             optimizer.step(closure)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
         closure()
-    plain = scheme_patch(dense_vit(), groups=4, expansion=8)  # without a multiplier a closure is fine
-    optimizer = torch.optim.LBFGS(plain.parameters(), lr=0.1, max_iter=2)
-
-    def plain_closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(plain(x), y)
-        loss.backward()
-        return loss
-
-    optimizer.step(plain_closure)
+    optimizer, closure = lbfgs_and_closure(scheme_patch(dense_vit(), groups=4, expansion=8))
+    optimizer.step(closure)  # without a multiplier a closure is fine
