@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from timm.utils import CheckpointSaver, ModelEmaV3
 from timm_scheme import cca_weights
 from timm_scheme import scheme_patch as _scheme_patch
 from timm_scheme.cli import main
+from timm_scheme.io.weights import read_training_checkpoint
 
 from .hub_server import LocalHub, client_settings
 
@@ -230,10 +232,6 @@ def test_export_errors(run_dir, tmp_path, capsys):
 def test_threads_read_training_checkpoints_at_once(run_dir):
     """torch's allow-list for weights_only loads is process-wide: concurrent reads (a driver finishing two runs
     at once) must not take argparse.Namespace off it under each other."""
-    import threading
-
-    from timm_scheme.io.weights import read_training_checkpoint
-
     checkpoint = run_dir / "model_best.pth.tar"
     expected = reference(checkpoint).state_dict()
     failures, start = [], threading.Barrier(4)

@@ -66,13 +66,17 @@ def set_multiplier(new: nn.Module, olds: Sequence[nn.Module], power: float) -> N
 
 def track(layer: nn.Module) -> None:
     """Let optimizer steps scale ``layer``'s weight (copies of a layer ask for it too)."""
-    if layer.lr_scale != 1.0 or layer.multiplier != 1.0:
+    if _scaled(layer):
         _SCALED.add(layer)
+
+
+def _scaled(layer: nn.Module) -> bool:
+    return layer.lr_scale != 1.0 or layer.multiplier != 1.0
 
 
 @torch.no_grad()
 def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    layers = [layer for layer in list(_SCALED) if layer.lr_scale != 1.0 or layer.multiplier != 1.0]
+    layers = [layer for layer in list(_SCALED) if _scaled(layer)]
     if not layers:
         return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
