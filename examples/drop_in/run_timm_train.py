@@ -61,6 +61,9 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     "scheme_cca_normalized": {"groups": 4, "expansion": 8, "cca": True, "cca_scale_mode": "normalized"},
     # fewer, wider groups: how much of a gap to dense is the group restriction (measured on Swin)
     "scheme_g2": {"groups": 2, "expansion": 8},
+    # one group at dense's width: the dense MLP rebuilt by the patch, a control that the patch's init, kernels
+    # and optimizer treatment train as timm's own layers do (measured on Swin)
+    "scheme_g1_e4": {"groups": 1, "expansion": 4},
     # fc2's groups read every fc1 group (channel shuffle): mixing across groups at no extra cost
     "scheme_shuffle": {"groups": 4, "expansion": 8, "channel_shuffle": True},
     # block-diagonal weights step as with a learning rate (dense fan-in / block fan-in) ** power times larger
