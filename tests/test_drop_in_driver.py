@@ -45,6 +45,8 @@ def test_with_patch_applies_the_line_to_the_scripts_model(tmp_path):
     assert patched["argv"] == [str(tmp_path / "report.json"), "--x", "1"]  # the script's own arguments, untouched
     dense = run_script(tmp_path)
     assert dense["mixers"] == ["Mlp", "Mlp"]
+    second = run_script(tmp_path, "--scheme", json.dumps({"groups": 4, "expansion": 8}), "--only", "blocks.1.")
+    assert second["mixers"] == ["Mlp", "SchemeMlp"]  # the filter_fn of --only: one block patched
 
 
 def record(family, variant, seed, top1):

@@ -179,6 +179,28 @@ def test_export_of_a_dense_checkpoint_says_the_patch_line_is_missing(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_export_of_a_checkpoint_patched_with_a_filter(tmp_path, capsys):
+    """train.py with ``scheme_patch(model, ..., filter_fn=...)``: the MLPs the filter left dense stay dense in the
+    export, read off the weights, and the export computes what the trained model did."""
+    torch.manual_seed(0)
+    only_middle = lambda module, name: name == "blocks.1.mlp"  # noqa: E731
+    trained = scheme_patch(timm.create_model(MODEL, pretrained=False, num_classes=10, img_size=32, **MODEL_KWARGS),
+                           groups=2, expansion=4.0, filter_fn=only_middle).eval()
+    for mixer in cca_weights(trained):  # a trained-looking CCA weight, so fusing folds something
+        trained.get_submodule(mixer).mix_logits.data.copy_(torch.tensor([0.3, -0.2]))
+    args = argparse.Namespace(model=MODEL, num_classes=10, img_size=32, in_chans=3, model_kwargs=dict(MODEL_KWARGS))
+    checkpoint = tmp_path / "last.pth.tar"
+    torch.save({"state_dict": trained.state_dict(), "args": args}, checkpoint)
+
+    assert export("--checkpoint", checkpoint, "--output", tmp_path / "out") == 0
+    assert "1 of 3 MLPs patched, as the weights show (dense: blocks.0.mlp, blocks.2.mlp)" in capsys.readouterr().out
+    exported = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    assert type(exported.blocks[0].mlp) is type(exported.blocks[2].mlp) is timm.layers.Mlp
+    assert type(exported.blocks[1].mlp) is not timm.layers.Mlp
+    with torch.no_grad():
+        torch.testing.assert_close(exported(inputs()), trained(inputs()), rtol=1e-5, atol=1e-6)
+
+
 class _Payload:
     """Pickles into a call of open(): loading it unrestricted would create the marker file."""
 

@@ -45,6 +45,9 @@ FAMILIES = {
     "swin": ["--model", "swin_tiny_patch4_window7_224", "--model-kwargs", "img_size=32", "patch_size=2",
              "window_size=4", "depths=(2,2)", "num_heads=(3,6)"],
     "metaformer": ["--model", "caformer_s18"],
+    # Swin without its stochastic depth (timm's default drop_path_rate 0.1; the ViT and CAFormer here have none)
+    "swin_no_drop_path": ["--model", "swin_tiny_patch4_window7_224", "--model-kwargs", "img_size=32", "patch_size=2",
+                          "window_size=4", "depths=(2,2)", "num_heads=(3,6)", "--drop-path", "0"],
 }
 # variant -> the scheme_patch keyword arguments of the added line (None: no line, the dense model);
 # "{steps}" stands for the run's optimizer steps (epochs x updates per epoch)
@@ -64,6 +67,10 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     # one group at dense's width: the dense MLP rebuilt by the patch, a control that the patch's init, kernels
     # and optimizer treatment train as timm's own layers do (measured on Swin)
     "scheme_g1_e4": {"groups": 1, "expansion": 4},
+    # one Swin stage patched, the other left dense ("only": a module-name prefix for the line's filter_fn):
+    # where a gap to dense comes from
+    "scheme_first_stage": {"groups": 4, "expansion": 8, "only": "layers.0."},
+    "scheme_second_stage": {"groups": 4, "expansion": 8, "only": "layers.1."},
     # fc2's groups read every fc1 group (channel shuffle): mixing across groups at no extra cost
     "scheme_shuffle": {"groups": 4, "expansion": 8, "channel_shuffle": True},
     # block-diagonal weights step as with a learning rate (dense fan-in / block fan-in) ** power times larger
@@ -194,12 +201,15 @@ def one_run(args: argparse.Namespace, family: str, variant: str, seed: int, step
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "log.txt"
     options = VARIANTS[variant]
+    only = None
     if options is not None:
         options = {k: (steps if v == "{steps}" else v) for k, v in options.items()}
+        only = options.pop("only", None)  # the export reads which MLPs were patched off the weights
     started = time.time()
     trained_s = finished_training_s(folder / "train", args.epochs)
     if trained_s is None:
         patch = ["--scheme", json.dumps(options)] if options is not None else []
+        patch += ["--only", only] if only is not None else []
         run([sys.executable, str(HERE / "with_patch.py"), *patch, str(args.timm_dir / "train.py"), str(data),
              *RECIPE, *FAMILIES[family], "--epochs", str(args.epochs), "--seed", str(seed), "--output", str(folder),
              "--experiment", "train"], log)
@@ -211,6 +221,8 @@ def one_run(args: argparse.Namespace, family: str, variant: str, seed: int, step
         rows = list(csv.DictReader(f))
     record: Dict[str, Any] = dict(family=family, variant=variant, seed=seed, options=options,
                                   train_py_top1=float(rows[-1]["eval_top1"]), epochs=len(rows))
+    if only is not None:
+        record["patched_only"] = only
     if options is not None:
         checkpoint = folder / "train" / "last.pth.tar"
         export = folder / "export"
@@ -291,7 +303,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timm-dir", type=Path, required=True, help="timm checkout holding train.py and validate.py")
     parser.add_argument("--out", type=Path, default=Path("out/drop_in"))
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES)[:3], choices=list(FAMILIES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:5], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=12)

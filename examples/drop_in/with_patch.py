@@ -4,7 +4,7 @@ user adds to train.py, right after its ``model = create_model(...)``:
 
     timm_scheme.scheme_patch(model, **SCHEME_OPTIONS)
 
-    python examples/drop_in/with_patch.py [--scheme '{"groups": 4, "expansion": 8}'] PATH/TO/train.py [its args]
+    python examples/drop_in/with_patch.py [--scheme '{"groups": 4, "expansion": 8}' [--only PREFIX]] PATH/TO/train.py [its args]
 
 The script is run unchanged from its own file (never copied): the line is applied by wrapping timm's
 ``create_model`` for the duration of the run, which is the same as writing it after the script's one
@@ -23,6 +23,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scheme", default=None, metavar="JSON",
                         help="scheme_patch keyword arguments as a JSON object; omit to run the script as it is")
+    parser.add_argument("--only", default=None, metavar="PREFIX",
+                        help="patch only the MLPs whose module name starts with PREFIX (a filter_fn in the line)")
     parser.add_argument("script", help="path of the timm script to run")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -33,6 +35,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.scheme is not None:
         options = json.loads(args.scheme)
+        if args.only is not None:
+            options["filter_fn"] = lambda module, name: name.startswith(args.only)
         create_model = timm.models.create_model
         calls = []
 

@@ -2,8 +2,9 @@
 
 The checkpoint is timm's train-script format (``state_dict`` / ``state_dict_ema``, its ``args``), a bare state
 dict, ``timm-scheme train``'s ``checkpoint.pth`` or a ``.safetensors`` file. What is not given is taken from the
-checkpoint's ``args`` when it records it, and the SCHEME structure (groups, expansion, CCA) is otherwise read
-off the weights, so that a checkpoint of timm's own train.py, which knows nothing of SCHEME, rebuilds as it was.
+checkpoint's ``args`` when it records it, and the SCHEME structure (groups, expansion, CCA, the MLPs a
+``filter_fn`` left dense) is otherwise read off the weights, so that a checkpoint of timm's own train.py, which
+knows nothing of SCHEME, rebuilds as it was.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..config import SchemeConfig
 from ..mixers import is_patched, scheme_mixers
-from ..patch import patch_structure
+from ..patch import FilterFn, find_mlps, patch_structure
 from .weights import check_state_dict, read_training_checkpoint
 
 # what timm's train script records of its preprocessing, carried into an exported pretrained_cfg
@@ -72,7 +73,7 @@ def rebuild(
 
     model = timm.create_model(name, pretrained=False, **kwargs)
     if not is_patched(model):
-        patch_structure(model, config)
+        patch_structure(model, config, _patched_mlps(model, state_dict, origin))
     has_logits = any(k.endswith("mix_logits") for k in state_dict)
     already_fused = not has_logits and any(m.has_cca for m in scheme_mixers(model).values())
     if already_fused:  # e.g. an earlier export: build the inference form it holds
@@ -140,6 +141,26 @@ def _structure_of(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         structure["expansion"] = ratios.pop()
     structure["cca"] = any(k.endswith("mix_logits") for k in state_dict)
     return structure
+
+
+def _patched_mlps(model: nn.Module, state_dict: Dict[str, torch.Tensor], origin: List[str]) -> Optional[FilterFn]:
+    """A filter_fn for the MLPs the weights hold in SCHEME form, when a ``filter_fn`` at training left others dense
+    (their weights are exactly the unpatched layer's); None when every MLP was patched, or none was (then the
+    state-dict check names what does not fit)."""
+    mlps = find_mlps(model)
+    dense = {name for name, module in mlps if _holds_dense(state_dict, name, module)}
+    if not dense or len(dense) == len(mlps):
+        return None
+    origin.append(f"{len(mlps) - len(dense)} of {len(mlps)} MLPs patched, as the weights show "
+                  f"(dense: {', '.join(sorted(dense)[:3])}{', ...' if len(dense) > 3 else ''})")
+    return lambda module, name: name not in dense
+
+
+def _holds_dense(state_dict: Dict[str, torch.Tensor], name: str, module: nn.Module) -> bool:
+    """Whether the weights under ``name.`` are exactly those of the unpatched ``module``: the same keys and shapes."""
+    own = {f"{name}.{k}": tuple(v.shape) for k, v in module.state_dict().items()}
+    held = {k: tuple(v.shape) for k, v in state_dict.items() if k.startswith(name + ".")}
+    return bool(own) and held == own
 
 
 def _classes_in(name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
