@@ -20,7 +20,7 @@ from torch import nn
 from ..config import SchemeConfig
 from ..mixers import is_patched, scheme_mixers
 from ..patch import FilterFn, find_mlps, patch_structure
-from .weights import check_state_dict, read_training_checkpoint
+from .weights import _abbreviate, check_state_dict, read_training_checkpoint
 
 # what timm's train script records of its preprocessing, carried into an exported pretrained_cfg
 DATA_ARGS = ("input_size", "img_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
@@ -152,7 +152,7 @@ def _patched_mlps(model: nn.Module, state_dict: Dict[str, torch.Tensor], origin:
     if not dense or len(dense) == len(mlps):
         return None
     origin.append(f"{len(mlps) - len(dense)} of {len(mlps)} MLPs patched, as the weights show "
-                  f"(dense: {', '.join(sorted(dense)[:3])}{', ...' if len(dense) > 3 else ''})")
+                  f"(dense: {_abbreviate(sorted(dense), limit=3)})")
     return lambda module, name: name not in dense
 
 
