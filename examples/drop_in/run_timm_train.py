@@ -67,6 +67,9 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     # one group at dense's width: the dense MLP rebuilt by the patch, a control that the patch's init, kernels
     # and optimizer treatment train as timm's own layers do (measured on Swin)
     "scheme_g1_e4": {"groups": 1, "expansion": 4},
+    # twice the expansion: the block-diagonal MLP at the dense MLP's parameters and FLOPs (g=4, E=16 against
+    # dense E=4), where the paper compares them (measured on Swin)
+    "scheme_e16": {"groups": 4, "expansion": 16},
     # one Swin stage patched, the other left dense ("only": a module-name prefix for the line's filter_fn):
     # where a gap to dense comes from
     "scheme_first_stage": {"groups": 4, "expansion": 8, "only": "layers.0."},
