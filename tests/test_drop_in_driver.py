@@ -71,6 +71,36 @@ def test_results_table_reports_the_gap_to_dense_over_shared_seeds(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == records
 
 
+def test_runs_from_an_earlier_sweep_join_the_table_with_the_machine_each_ran_on(tmp_path):
+    run_timm_train = driver()
+    earlier = [dict(record("swin", "dense", 1, 94.0), machine="machine A"),
+               dict(record("swin", "scheme", 1, 93.0), machine="machine A"),
+               dict(record("swin", "scheme", 2, 10.0), machine="machine A")]  # run again below: replaced
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    now = [dict(record("swin", "dense", 2, 92.0), machine="machine B"),
+           dict(record("swin", "scheme", 2, 94.5), machine="machine B")]
+    merged = run_timm_train.with_earlier(now, [tmp_path / "earlier.json"])
+    assert sorted((r["variant"], r["seed"], r["train_py_top1"]) for r in merged) == [
+        ("dense", 1, 94.0), ("dense", 2, 92.0), ("scheme", 1, 93.0), ("scheme", 2, 94.5)]
+    run_timm_train.summarise(merged, tmp_path, "machine B")
+    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert "On machine A: swin dense s1, swin scheme s1. On machine B: swin dense s2, swin scheme s2." in header
+    gaps = [93.0 - 94.0, 94.5 - 92.0]
+    assert f"{statistics.mean(gaps):+.1f} ± {statistics.stdev(gaps) / 2 ** 0.5:.1f} (2 seeds)" in \
+        (tmp_path / "results.md").read_text()
+    # a record without a machine (an older sweep) is put down to the machine named on the command line
+    assert run_timm_train.where_run([record("vit", "dense", 1, 97.0)], "machine C") == "machine C"
+
+
+def test_driver_refuses_an_earlier_results_file_that_is_not_there(tmp_path, capsys):
+    (tmp_path / "train.py").touch()
+    (tmp_path / "validate.py").touch()
+    with pytest.raises(SystemExit):
+        driver().main(["--timm-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--earlier",
+                       str(tmp_path / "missing.json")])
+    assert f"--earlier {tmp_path / 'missing.json'} is not a file" in capsys.readouterr().err
+
+
 def test_driver_refuses_a_folder_without_timms_scripts(tmp_path, capsys):
     with pytest.raises(SystemExit):
         driver().main(["--timm-dir", str(tmp_path), "--out", str(tmp_path / "out")])

@@ -223,7 +223,7 @@ def one_run(args: argparse.Namespace, family: str, variant: str, seed: int, step
     with open(folder / "train" / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     record: Dict[str, Any] = dict(family=family, variant=variant, seed=seed, options=options,
-                                  train_py_top1=float(rows[-1]["eval_top1"]), epochs=len(rows))
+                                  train_py_top1=float(rows[-1]["eval_top1"]), epochs=len(rows), machine=args.machine)
     if only is not None:
         record["patched_only"] = only
     if options is not None:
@@ -278,8 +278,29 @@ def against_dense(rows: List[Dict[str, Any]], dense: List[Dict[str, Any]]) -> st
     return f"{statistics.mean(gaps):+.1f} ± {error:.1f} ({len(gaps)} seeds)"
 
 
+def where_run(records: List[Dict[str, Any]], machine: str) -> str:
+    """The machine the runs ran on, or, where they ran on several (a sweep continued elsewhere), which runs ran
+    where: paired seeds compare on one machine only when dense and the variant ran on the same."""
+    runs_on: Dict[str, List[str]] = {}
+    for r in sorted(records, key=lambda r: (r["family"], r["seed"], r["variant"])):
+        runs_on.setdefault(r.get("machine") or machine, []).append(f"{r['family']} {r['variant']} s{r['seed']}")
+    if len(runs_on) <= 1:
+        return next(iter(runs_on), machine)
+    return " ".join(f"On {m or 'an unnamed machine'}: {', '.join(runs)}." for m, runs in runs_on.items())
+
+
+def with_earlier(records: List[Dict[str, Any]], earlier: List[Path]) -> List[Dict[str, Any]]:
+    """``records`` plus the runs of earlier sweeps' results.json (whose run folders are gone) that they do not
+    hold again."""
+    key = lambda r: (r["family"], r["variant"], r["seed"], r["epochs"])  # noqa: E731
+    merged = {key(r): r for path in earlier for r in json.loads(path.read_text())}
+    merged.update({key(r): r for r in records})
+    return list(merged.values())
+
+
 def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
     (out / "results.json").write_text(json.dumps(records, indent=2))
+    machine = where_run(records, machine)
     columns = [("train_py_top1", "train.py eval (deployed function)"),
                ("trained_function", "trained function (CCA applied)"),
                ("fused_validate_py_top1", "fused, validate.py on local-dir"),
@@ -312,10 +333,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     parser.add_argument("--machine", default="", help="where it ran, for the results table")
+    parser.add_argument("--earlier", nargs="*", type=Path, default=[],
+                        help="results.json of earlier sweeps whose run folders are gone (e.g. on another machine): "
+                             "their runs join the table unless this sweep has them")
     args = parser.parse_args(argv)
     for script in ("train.py", "validate.py"):
         if not (args.timm_dir / script).is_file():
             parser.error(f"--timm-dir {args.timm_dir} has no {script}; point it at a checkout of timm's repository")
+    for path in args.earlier:
+        if not path.is_file():
+            parser.error(f"--earlier {path} is not a file; give the results.json an earlier sweep wrote")
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "digits32"
     n_train = make_digits(data)
@@ -324,7 +351,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         records = list(pool.map(lambda job: one_run(args, *job, steps, data), jobs))
     every = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("*/record.json"))]
-    summarise(every, args.out, args.machine)
+    summarise(with_earlier(every, args.earlier), args.out, args.machine)
 
 
 if __name__ == "__main__":
