@@ -92,6 +92,24 @@ def test_runs_from_an_earlier_sweep_join_the_table_with_the_machine_each_ran_on(
     assert run_timm_train.where_run([record("vit", "dense", 1, 97.0)], "machine C") == "machine C"
 
 
+def test_a_seed_whose_dense_run_ran_on_another_machine_is_left_out_of_the_gap_and_named(tmp_path):
+    run_timm_train = driver()
+    records = [dict(record("vit", "dense", 1, 97.0), machine="machine A"),
+               dict(record("vit", "scheme", 1, 98.0), machine="machine A"),
+               record("vit", "dense", 2, 96.0),  # no machine: the one on the command line, machine B
+               dict(record("vit", "scheme", 2, 99.0), machine="machine B"),
+               dict(record("vit", "dense", 3, 90.0), machine="machine A"),
+               dict(record("vit", "scheme", 3, 99.0), machine="machine B")]  # a pair split over two machines
+    run_timm_train.summarise(records, tmp_path, "machine B")
+    scheme_row = next(line for line in (tmp_path / "results.md").read_text().splitlines() if "| scheme |" in line)
+    gaps = [98.0 - 97.0, 99.0 - 96.0]
+    expected = f"{statistics.mean(gaps):+.1f} ± {statistics.stdev(gaps) / 2 ** 0.5:.1f} " \
+               "(2 seeds; s3 left out: dense ran on another machine)"
+    assert scheme_row.rstrip(" |").endswith(expected)
+    assert run_timm_train.against_dense(records[5:], records[4:5], "machine B") == \
+        "- (s3 left out: dense ran on another machine)"
+
+
 def test_driver_refuses_an_earlier_results_file_that_is_not_there(tmp_path, capsys):
     (tmp_path / "train.py").touch()
     (tmp_path / "validate.py").touch()

@@ -265,17 +265,28 @@ def with_calibrated(record: Dict[str, Any], folder: Path, data: Path) -> Dict[st
     return record
 
 
-def against_dense(rows: List[Dict[str, Any]], dense: List[Dict[str, Any]]) -> str:
+def against_dense(rows: List[Dict[str, Any]], dense: List[Dict[str, Any]], machine: str = "") -> str:
     """Mean over the seeds both have of (variant - dense) train.py top-1, with its standard error: whether a gap
-    stands out of the seeds' spread."""
-    dense_of = {r["seed"]: r["train_py_top1"] for r in dense}
-    gaps = [r["train_py_top1"] - dense_of[r["seed"]] for r in rows if r["seed"] in dense_of and r["variant"] != "dense"]
+    stands out of the seeds' spread. A seed pairs only where both runs ran on one machine (a record without one
+    ran on ``machine``): the same seed gives other figures on another CPU or math library."""
+    ran_on = lambda r: r.get("machine") or machine  # noqa: E731
+    dense_of = {r["seed"]: r for r in dense}
+    gaps, elsewhere = [], []
+    for r in rows:
+        if r["variant"] == "dense" or r["seed"] not in dense_of:
+            continue
+        if ran_on(r) != ran_on(dense_of[r["seed"]]):
+            elsewhere.append(f"s{r['seed']}")
+            continue
+        gaps.append(r["train_py_top1"] - dense_of[r["seed"]]["train_py_top1"])
+    left_out = f"{', '.join(elsewhere)} left out: dense ran on another machine" if elsewhere else ""
+    note = f"; {left_out}" if left_out else ""
     if not gaps:
-        return "-"
+        return f"- ({left_out})" if left_out else "-"
     if len(gaps) == 1:
-        return f"{gaps[0]:+.1f} (1 seed)"
+        return f"{gaps[0]:+.1f} (1 seed{note})"
     error = statistics.stdev(gaps) / len(gaps) ** 0.5
-    return f"{statistics.mean(gaps):+.1f} ± {error:.1f} ({len(gaps)} seeds)"
+    return f"{statistics.mean(gaps):+.1f} ± {error:.1f} ({len(gaps)} seeds{note})"
 
 
 def where_run(records: List[Dict[str, Any]], machine: str) -> str:
@@ -300,13 +311,13 @@ def with_earlier(records: List[Dict[str, Any]], earlier: List[Path]) -> List[Dic
 
 def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
     (out / "results.json").write_text(json.dumps(records, indent=2))
-    machine = where_run(records, machine)
+    where = where_run(records, machine)
     columns = [("train_py_top1", "train.py eval (deployed function)"),
                ("trained_function", "trained function (CCA applied)"),
                ("fused_validate_py_top1", "fused, validate.py on local-dir"),
                ("fused_calibrated_top1", "fused with calibration (256 train images)")]
     epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in records}))
-    lines = [f"Validation top-1 (%) on digits after {epochs} epochs, mean of seeds (per seed). {machine}", "",
+    lines = [f"Validation top-1 (%) on digits after {epochs} epochs, mean of seeds (per seed). {where}", "",
              "| family | variant | " + " | ".join(label for _, label in columns) + " | deployed minus dense, same seeds |",
              "|---|---|" + "---|" * (len(columns) + 1)]
     keys = sorted({(r["family"], r["variant"]) for r in records},
@@ -317,7 +328,8 @@ def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
         for key, _ in columns:
             values = [r[key] for r in rows if key in r]
             cells.append(f"{statistics.mean(values):.1f} ({' / '.join(f'{v:.1f}' for v in values)})" if values else "-")
-        cells.append(against_dense(rows, [r for r in records if r["family"] == family and r["variant"] == "dense"]))
+        dense = [r for r in records if r["family"] == family and r["variant"] == "dense"]
+        cells.append(against_dense(rows, dense, machine))
         lines.append(f"| {family} | {variant} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
