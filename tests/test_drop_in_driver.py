@@ -1,5 +1,6 @@
 """The drop-in evidence driver (examples/drop_in): the one line reaches the script's model, and the results table
 reports what the runs measured."""
+import argparse
 import importlib.util
 import json
 import os
@@ -181,3 +182,57 @@ def test_a_finished_training_is_kept_and_an_unfinished_one_runs_again(tmp_path):
     os.utime(train / "last.pth.tar", (1600.0, 1600.0))
     assert finished(train, 3) == 600.0  # from the files' own times
     assert finished(train, 4) is None  # fewer epochs than asked for: trained again
+
+
+def test_the_rows_of_an_earlier_stopped_start_count_neither_as_epochs_nor_as_the_result(tmp_path):
+    # train.py appends to the summary of a folder it is started in again, header and all
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "args.yaml").write_text("epochs: 3\n")
+    (train / "last.pth.tar").write_bytes(b"weights")
+    header = "epoch,train_loss,eval_top1\n"
+    stopped = header + "0,2.3,40.0\n1,2.1,50.0\n"
+    run_timm_train = driver()
+    (train / "summary.csv").write_text(stopped + header + "0,2.2,45.0\n1,2.0,55.0\n")  # 5 lines after the first header
+    assert run_timm_train.finished_training_s(train, 5) is None  # two epochs of the latest start, not five
+    assert run_timm_train.finished_training_s(train, 2) is not None
+    (train / "summary.csv").write_text(stopped + header + "0,2.2,45.0\n1,2.0,55.0\n2,1.8,60.0\n")
+    rows = run_timm_train.epoch_rows(train / "summary.csv")
+    assert [(r["epoch"], r["eval_top1"]) for r in rows] == [("0", "45.0"), ("1", "55.0"), ("2", "60.0")]
+    assert run_timm_train.finished_training_s(train, 3) is not None
+
+
+# a stand-in for timm's train.py: writes what train.py writes to --output/--experiment, one row an epoch
+FAKE_TRAIN = """
+import sys
+argv = sys.argv[1:]
+value = lambda flag: argv[argv.index(flag) + 1]
+from pathlib import Path
+out = Path(value("--output")) / value("--experiment")
+out.mkdir(parents=True, exist_ok=True)
+(out / "args.yaml").write_text("epochs: " + value("--epochs") + "\\n")
+with open(out / "summary.csv", "a") as f:
+    f.write("epoch,train_loss,eval_top1\\n")
+    for epoch in range(int(value("--epochs"))):
+        f.write(f"{epoch},1.0,{90 + epoch}.0\\n")
+(out / "last.pth.tar").write_bytes(b"weights")
+"""
+
+
+def test_a_stopped_training_is_trained_again_in_a_clean_folder(tmp_path):
+    run_timm_train = driver()
+    timm_dir = tmp_path / "timm"
+    timm_dir.mkdir()
+    (timm_dir / "train.py").write_text(FAKE_TRAIN)
+    stopped = tmp_path / "out" / "runs" / "vit-dense-s1" / "train"
+    stopped.mkdir(parents=True)
+    (stopped / "summary.csv").write_text("epoch,train_loss,eval_top1\n0,2.0,10.0\n")  # stopped after one epoch
+    (stopped / "checkpoint-0.pth.tar").write_bytes(b"old")
+    args = argparse.Namespace(out=tmp_path / "out", timm_dir=timm_dir, epochs=3, machine="machine A")
+    record = run_timm_train.one_run(args, "vit", "dense", 1, 100, tmp_path / "data")
+    assert (record["epochs"], record["train_py_top1"]) == (3, 92.0)
+    assert not (stopped / "checkpoint-0.pth.tar").exists()  # the stopped start's files are gone
+    summary = (stopped / "summary.csv").read_text()
+    assert summary.count("epoch,") == 1 and "10.0" not in summary
+    assert "trained again from the start" in (stopped.parent / "log.txt").read_text()
+    assert json.loads((stopped.parent / "record.json").read_text()) == record

@@ -11,7 +11,8 @@ image folder:
     python examples/drop_in/run_timm_train.py --timm-dir ~/src/pytorch-image-models --out out/drop_in --jobs 2
 
 Results: ``<out>/results.json`` (every run) and ``<out>/results.md`` (mean and per seed). Finished runs are
-kept, so an interrupted sweep continues where it stopped (a run whose training had finished is not trained again).
+kept, so an interrupted sweep continues where it stopped (a run whose training had finished is not trained again;
+one stopped mid-training is trained again from the start, in a clean folder).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -211,6 +213,10 @@ def one_run(args: argparse.Namespace, family: str, variant: str, seed: int, step
     started = time.time()
     trained_s = finished_training_s(folder / "train", args.epochs)
     if trained_s is None:
+        if (folder / "train").exists():  # a start stopped before its end: train.py starts afresh in a clean folder
+            shutil.rmtree(folder / "train")
+            with open(log, "a") as f:
+                f.write("training stopped before its end earlier: its folder removed, trained again from the start\n")
         patch = ["--scheme", json.dumps(options)] if options is not None else []
         patch += ["--only", only] if only is not None else []
         run([sys.executable, str(HERE / "with_patch.py"), *patch, str(args.timm_dir / "train.py"), str(data),
@@ -220,8 +226,7 @@ def one_run(args: argparse.Namespace, family: str, variant: str, seed: int, step
         with open(log, "a") as f:
             f.write(f"training finished earlier ({trained_s:.0f} s by its files' times): kept\n")
         started -= trained_s
-    with open(folder / "train" / "summary.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = epoch_rows(folder / "train" / "summary.csv")
     record: Dict[str, Any] = dict(family=family, variant=variant, seed=seed, options=options,
                                   train_py_top1=float(rows[-1]["eval_top1"]), epochs=len(rows), machine=args.machine)
     if only is not None:
@@ -243,15 +248,24 @@ def one_run(args: argparse.Namespace, family: str, variant: str, seed: int, step
     return record
 
 
+def epoch_rows(summary: Path) -> List[Dict[str, str]]:
+    """The rows train.py wrote to ``summary.csv`` in its latest start. train.py appends to the summary of a folder
+    it is started in again, header and all: the rows of an earlier, stopped start must count neither as epochs nor
+    as the final result."""
+    with open(summary) as f:
+        lines = f.read().splitlines()
+    header = max((i for i, line in enumerate(lines) if line.startswith("epoch,")), default=0)
+    return list(csv.DictReader(lines[header:]))
+
+
 def finished_training_s(train_dir: Path, epochs: int) -> Optional[float]:
     """Seconds a finished train.py run took (its args.yaml to its last checkpoint), or None when it has not
     finished all ``epochs`` (then it is run again from the start)."""
     summary, last, started = train_dir / "summary.csv", train_dir / "last.pth.tar", train_dir / "args.yaml"
     if not (summary.is_file() and last.is_file() and started.is_file()):
         return None
-    with open(summary) as f:
-        if len(list(csv.DictReader(f))) != epochs:
-            return None
+    if [int(r["epoch"]) for r in epoch_rows(summary)] != list(range(epochs)):
+        return None
     return last.stat().st_mtime - started.stat().st_mtime
 
 
