@@ -25,3 +25,15 @@ def test_demo_runs_and_reports_consistent_numbers(capsys):
 def test_demo_rejects_bad_groups(capsys):
     with pytest.raises(ValueError, match="groups=5 does not divide"):
         main(["demo", "--steps", "1", "--groups", "5"])
+
+
+def test_demo_with_cca_shows_the_branch_fading_and_fusing_removing_it(capsys):
+    code = main(["demo", "--steps", "8", "--batch-size", "16", "--cca", "--cca-form", "output_cross", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "check: PASS" in out
+    reports = re.findall(r"^  step\s+(\d+): CCA over 12 mixers: weight ([\d.]+), share ([\d.]+)", out, flags=re.M)
+    assert [int(step) for step, _, _ in reports] == [0, 2, 4, 6, 8]
+    weights = [float(w) for _, w, _ in reports]
+    assert weights[0] == pytest.approx(0.5, abs=1e-3) and weights[-1] == 0.0  # faded out with the learning rate
+    assert 0.0 < float(reports[0][2]) <= 0.5 and float(reports[-1][2]) == 0.0
+    assert "CCA tensors left       0" in out

@@ -192,3 +192,16 @@ def test_reproduction_quick(tmp_path):
     assert "machine" in data
     for name in ("digits_reproduction.md", "digits_accuracy_vs_macs.png", "digits_cca_weight.png"):
         assert (tmp_path / "res" / name).is_file()
+
+
+def test_train_logs_what_the_cca_branch_carries(tmp_path, caplog):
+    caplog.set_level("INFO", logger="timm_scheme")
+    code, out = _train(tmp_path, "forms", "--epochs", "2", "--cca", "--cca-form", "output_cross")
+    assert code == 0
+    epochs = json.loads((out / "log.json").read_text())["epochs"]
+    # the branch mixes the block's own output, so it never carries more than its weight's share; across groups only
+    assert 0.0 < epochs[0]["cca_share_mean"] <= 0.5
+    assert epochs[0]["cca_cross_group_mass_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert epochs[-1]["cca_share_mean"] == 0.0  # annealed out with the learning rate
+    lines = [r.getMessage() for r in caplog.records if "cross-group mass" in r.getMessage()]
+    assert lines[0].startswith("at start: CCA over 2 mixers") and len(lines) == 3

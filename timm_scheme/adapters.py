@@ -261,6 +261,7 @@ def build_adapted(spec: AdaptedLayout, hidden: int, config: SchemeConfig) -> Ada
         cca=config.cca and spec.in_features == spec.out_features,
         cca_scale=config.cca_scale(hidden),
         cca_normalize=config.cca_scale_mode == "normalized",
+        cca_form=config.cca_form,
         alpha_init=config.alpha_init,
         cca_schedule=config.schedule())
     mixer.cca_skip_threshold = config.cca_skip_threshold

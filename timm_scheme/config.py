@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+from .kernels.cca import CCA_FORMS
 from .schedule import SCHEDULES, CcaSchedule
 
 CCA_SCALE_MODES = ("hidden", "normalized")
@@ -29,6 +30,12 @@ class SchemeConfig:
             on digits, every CCA variant measured left a ViT's and a Swin's deployed model below the
             block-diagonal MLP trained alone; see the README's drop-in results). With it, ``cca_anneal`` removes it
             by the end of training.
+        cca_form: what the branch computes (``timm_scheme.kernels.cca``): ``"paper"``, X A^T with A =
+            softmax(scale X^T X) over channels, the paper's definition; ``"authors"``, the authors' code as it runs
+            (its key a reshape of the channels-by-tokens tensor, not a transpose); ``"rescaled"``, the paper's
+            branch scaled per sample to the RMS of the block-diagonal MLP's output; ``"output"``, A applied to the
+            block-diagonal MLP's output Y (Y A^T), so the branch is never louder than the block; ``"output_cross"``,
+            the same with each channel attending only to channels of the other groups.
         cca_scale_mode: ``"hidden"`` scales the channel covariance by ``hidden ** -0.5`` as the paper
             does; ``"normalized"`` L2-normalises each channel over tokens and divides by
             ``cca_temperature``, which keeps the logits independent of the token count.
@@ -66,6 +73,7 @@ class SchemeConfig:
     groups: int = 4
     expansion: Optional[float] = 8.0
     cca: bool = False
+    cca_form: str = "paper"
     cca_scale_mode: str = "hidden"
     cca_temperature: float = 0.1
     alpha_init: Optional[float] = None
@@ -95,6 +103,14 @@ class SchemeConfig:
                 raise ValueError(
                     f"expansion={self.expansion!r}: expected a finite number > 0 (e.g. 4 or 8), "
                     "or None to keep each layer's hidden width")
+        if self.cca_form not in CCA_FORMS:
+            raise ValueError(f"cca_form={self.cca_form!r}: expected one of {CCA_FORMS}")
+        if self.cca_form == "output_cross" and self.groups < 2:
+            raise ValueError(f"cca_form='output_cross' attends to the channels of the other groups: it needs "
+                             f"groups >= 2 (got groups={self.groups}); use cca_form='output' for one group")
+        if self.cca_form == "authors" and self.cca_scale_mode != "hidden":
+            raise ValueError("cca_form='authors' reproduces the authors' code, which scales by hidden ** -0.5: use "
+                             f"cca_scale_mode='hidden' with it (got {self.cca_scale_mode!r})")
         if self.cca_scale_mode not in CCA_SCALE_MODES:
             raise ValueError(f"cca_scale_mode={self.cca_scale_mode!r}: expected one of {CCA_SCALE_MODES}")
         if not self.cca_temperature > 0:

@@ -241,6 +241,7 @@ def _build(spec, hidden: int, config: SchemeConfig) -> SchemeMlp:
         cca=use_cca,
         cca_scale=config.cca_scale(hidden),
         cca_normalize=config.cca_scale_mode == "normalized",
+        cca_form=config.cca_form,
         alpha_init=config.alpha_init,
         cca_schedule=config.schedule(),
         channel_shuffle=config.channel_shuffle,

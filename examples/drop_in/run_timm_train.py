@@ -64,6 +64,19 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     "scheme_cca_floor05": {"groups": 4, "expansion": 8, "cca": True, "cca_lr_floor": 0.5},
     "scheme_cca_early": {"groups": 4, "expansion": 8, "cca": True, "alpha_init": 0.9, "cca_lr_floor": 0.5},
     "scheme_cca_normalized": {"groups": 4, "expansion": 8, "cca": True, "cca_scale_mode": "normalized"},
+    # the forms of the branch (SchemeConfig.cca_form), faded out with the learning rate; "_free": the learnt
+    # weight alone (no annealing), to see whether it falls by itself
+    "scheme_cca_authors": {"groups": 4, "expansion": 8, "cca": True, "cca_form": "authors"},
+    "scheme_cca_rescaled": {"groups": 4, "expansion": 8, "cca": True, "cca_form": "rescaled"},
+    "scheme_cca_output": {"groups": 4, "expansion": 8, "cca": True, "cca_form": "output"},
+    "scheme_cca_output_cross": {"groups": 4, "expansion": 8, "cca": True, "cca_form": "output_cross"},
+    "scheme_cca_output_cross_normalized": {"groups": 4, "expansion": 8, "cca": True, "cca_form": "output_cross",
+                                           "cca_scale_mode": "normalized"},
+    "scheme_cca_output_cross_alpha09": {"groups": 4, "expansion": 8, "cca": True, "cca_form": "output_cross",
+                                        "alpha_init": 0.9},
+    "scheme_cca_output_free": {"groups": 4, "expansion": 8, "cca": True, "cca_form": "output", "cca_anneal": "off"},
+    "scheme_cca_output_cross_free": {"groups": 4, "expansion": 8, "cca": True, "cca_form": "output_cross",
+                                     "cca_anneal": "off"},
     # fewer, wider groups: how much of a gap to dense is the group restriction (measured on Swin)
     "scheme_g2": {"groups": 2, "expansion": 8},
     # one group at dense's width: the dense MLP rebuilt by the patch, a control that the patch's init, kernels

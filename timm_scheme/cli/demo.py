@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 
 import torch
 import torch.nn.functional as F
 
 from ..data import load_digits_tensors
+from ..diagnostics import cca_diagnostics, summarize
 from ..fuse import FuseVerificationError, fuse_for_inference, max_relative_difference
 from ..mixers import cca_weights, scheme_mixers
 from ..patch import find_mlps, scheme_patch
@@ -16,6 +18,9 @@ from ..stats import count_macs, count_mlp_params, count_params
 from ..training import random_batches, short_schedule, train_one_epoch
 from ..training.run import create_with_optional
 from .scheme_flags import add_scheme_flags, scheme_flags_given
+
+
+CCA_REPORTS = 4  # with CCA on, how often training stops to report what the branch carries
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,9 +55,23 @@ def run(args: argparse.Namespace) -> int:
           f"training {args.steps} steps on digits ({len(y_train)} train / {len(y_test)} test images, "
           f"{args.img_size}px)")
     optimizer, scheduler = short_schedule(model, args.lr, args.steps)
-    train_one_epoch(model, random_batches(x_train, y_train, args.steps, args.batch_size, args.seed), optimizer,
-                    lambda logits, y: F.cross_entropy(logits, y, label_smoothing=0.1), scheduler=scheduler,
-                    progress=not args.no_progress, total=args.steps)
+    batches = random_batches(x_train, y_train, args.steps, args.batch_size, args.seed)
+    # with CCA, the same steps in quarters, and between them what the branch carries on a fixed batch
+    parts = CCA_REPORTS if config.cca else 1
+    if config.cca:
+        print(f"CCA ({config.cca_form} form) on {len(x_test[:64])} test images: its weight 1 - alpha, its share of "
+              "the mixers' output, the attention it puts on other groups' channels")
+    done = 0
+    for part in range(parts):
+        if config.cca:
+            print(f"  step {done:4d}: {summarize(cca_diagnostics(model, x_test[:64], warn=False))}")
+        steps = (args.steps * (part + 1)) // parts - done
+        train_one_epoch(model, itertools.islice(batches, steps), optimizer,
+                        lambda logits, y: F.cross_entropy(logits, y, label_smoothing=0.1), scheduler=scheduler,
+                        progress=not args.no_progress, total=steps)
+        done += steps
+    if config.cca:
+        print(f"  step {done:4d}: {summarize(cca_diagnostics(model, x_test[:64], warn=False))}")
 
     model.eval()
     learnt = cca_weights(model, learnt=True)

@@ -6,9 +6,10 @@ import dataclasses
 from typing import Any, Dict
 
 from ..config import CCA_SCALE_MODES, INIT_MODES, SchemeConfig
+from ..kernels.cca import CCA_FORMS
 from ..schedule import SCHEDULES
 
-_CHOICES = {"cca_scale_mode": CCA_SCALE_MODES, "init": INIT_MODES, "cca_anneal": SCHEDULES}
+_CHOICES = {"cca_form": CCA_FORMS, "cca_scale_mode": CCA_SCALE_MODES, "init": INIT_MODES, "cca_anneal": SCHEDULES}
 
 
 def _field_help() -> Dict[str, str]:

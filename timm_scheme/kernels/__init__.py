@@ -5,12 +5,15 @@ from .block_diagonal import (
     block_diagonal_linear, block_diagonal_mlp, block_diagonal_mlp_nchw, conv1x1_grouped, linear_batched,
     linear_grouped_mm, linear_into_slices, linear_per_group, mlp_batched, mlp_grouped_mm, mlp_per_group,
     mlp_tiles_forward, shuffle_channels)
-from .cca import CovarianceAttention, covariance_attention, covariance_attention_plain
+from .cca import (
+    CCA_FORMS, CovarianceAttention, apply_channel_attention, cca_branch, cca_branch_plain, channel_attention,
+    covariance_attention, covariance_attention_plain)
 
 __all__ = [
     "dispatch", "block_diagonal_linear", "block_diagonal_conv1x1", "block_diagonal_mlp", "block_diagonal_mlp_nchw",
     "linear_per_group", "linear_batched", "linear_grouped_mm", "linear_into_slices", "conv1x1_grouped",
     "mlp_per_group", "mlp_batched", "mlp_grouped_mm", "mlp_tiles_forward", "PerGroupBlockDiagonalMlp",
     "TiledBlockDiagonalMlp", "TILE_BYTES_PER_THREAD", "MIN_TILE_TOKENS", "shuffle_channels", "covariance_attention",
-    "covariance_attention_plain", "CovarianceAttention",
+    "covariance_attention_plain", "CovarianceAttention", "CCA_FORMS", "cca_branch", "cca_branch_plain",
+    "channel_attention", "apply_channel_attention",
 ]

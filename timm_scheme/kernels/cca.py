@@ -89,3 +89,90 @@ class CovarianceAttention(torch.autograd.Function):
             grad_in = grad_in.transpose(1, 2)
             grad_k = grad_k.transpose(1, 2) if grad_k is not None else None
         return grad_in, grad_k, None, None
+
+
+# --- the forms of the CCA branch (SchemeConfig.cca_form) -------------------------------------------------------
+#   "paper":        X A^T, A = softmax(scale * X^T X): the paper's definition (the kernels above)
+#   "authors":      the authors' code as it runs: the key is the (C, N) tensor reshaped to (N, C), not transposed
+#   "rescaled":     the paper's branch, rescaled per sample to the RMS of the block-diagonal MLP's output
+#   "output":       A from the input as in the paper, applied to the block-diagonal MLP's output Y: Y A^T
+#   "output_cross": the same with each channel attending to the channels of the other groups only
+CCA_FORMS = ("paper", "authors", "rescaled", "output", "output_cross")
+
+
+def _channels_first(t: torch.Tensor, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as (B, C, N) in ``dtype``; a view for channels-last input."""
+    if channels_last:
+        return t.reshape(t.shape[0], -1, t.shape[-1]).to(dtype).transpose(1, 2)
+    return t.reshape(t.shape[0], t.shape[1], -1).to(dtype)
+
+
+def other_groups_mask(channels: int, groups: int, device: torch.device) -> torch.Tensor:
+    """(C, C) True where two channels fall in the same one of ``groups`` contiguous groups."""
+    group_of = torch.div(torch.arange(channels, device=device), channels // groups, rounding_mode="floor")
+    return group_of[:, None] == group_of[None, :]
+
+
+def channel_attention(x: torch.Tensor, form: str, scale: float, normalize: bool, channels_last: bool,
+                      groups: int = 1, wide: bool = False) -> torch.Tensor:
+    """The (B, C, C) channel attention of a CCA form, computed from the input ``x`` in float32 (the logits grow
+    with the token count), or float64 where ``wide``."""
+    dtype = torch.float64 if wide else torch.float32
+    keys = _channels_first(x, channels_last, dtype)                          # (B, C, N)
+    if form == "authors":
+        # the (C, N) tensor read as (N, C): what `q @ k.reshape(B, -1, C)` in the authors' code multiplies by
+        logits = torch.bmm(keys, keys.contiguous().reshape(keys.shape[0], -1, keys.shape[1]))
+    else:
+        if normalize:
+            keys = F.normalize(keys, dim=2)
+        logits = torch.bmm(keys, keys.transpose(1, 2))
+    logits = logits * scale
+    if form == "output_cross":
+        logits = logits.masked_fill(other_groups_mask(logits.shape[-1], groups, logits.device), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def apply_channel_attention(attn: torch.Tensor, t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` with its channels mixed by ``attn`` (B, C, C): T A^T channels-last, A T channels-first; in ``t``'s
+    layout and dtype."""
+    out = torch.bmm(attn, _channels_first(t, channels_last, attn.dtype))     # (B, C, N)
+    if channels_last:
+        out = out.transpose(1, 2)
+    return out.to(t.dtype).reshape(t.shape)
+
+
+def _rms_per_sample(t: torch.Tensor, wide: bool) -> torch.Tensor:
+    return t.to(torch.float64 if wide else torch.float32).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
+
+
+def _to_rms_of(branch: torch.Tensor, y: torch.Tensor, wide: bool) -> torch.Tensor:
+    """``branch`` scaled, sample by sample, to the root mean square of ``y``."""
+    factor = _rms_per_sample(y, wide) / _rms_per_sample(branch, wide)
+    for _ in range(branch.dim() - 1):
+        factor = factor.unsqueeze(-1)
+    return branch * factor.to(branch.dtype)
+
+
+def cca_branch_plain(x: torch.Tensor, y: torch.Tensor, form: str, scale: float, normalize: bool,
+                     channels_last: bool, groups: int, wide: bool = False) -> torch.Tensor:
+    """The CCA branch of a mixer with input ``x`` and block-diagonal MLP output ``y``, in ``y``'s dtype, in
+    standard ops (what tracing, scripting and export record); computed in float32, float64 where ``wide``."""
+    if form == "paper" or form == "rescaled":
+        branch = covariance_attention_plain(x, scale, normalize, channels_last)
+        if form == "rescaled":
+            branch = _to_rms_of(branch, y, wide)
+        return branch.to(y.dtype)
+    attn = channel_attention(x, form, scale, normalize, channels_last, groups, wide)
+    return apply_channel_attention(attn, x if form == "authors" else y, channels_last).to(y.dtype)
+
+
+def cca_branch(x: torch.Tensor, y: torch.Tensor, form: str, scale: float, normalize: bool, channels_last: bool,
+               groups: int) -> torch.Tensor:
+    """Eager ``cca_branch_plain``: the paper's attention through its hand-written backward, and no autocast
+    (float32 logits and products)."""
+    wide = x.dtype == torch.float64
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if form == "paper" or form == "rescaled":
+            branch = covariance_attention(x, scale, normalize, channels_last)
+            return (_to_rms_of(branch, y, wide) if form == "rescaled" else branch).to(y.dtype)
+        return cca_branch_plain(x, y, form, scale, normalize, channels_last, groups, wide)

@@ -35,7 +35,7 @@ class AdaptedSchemeMlp(SchemeMlp):
     def __init__(self, inner: nn.Module, fc1: str, fc2: str, output: str, groups: int, *,
                  fold: Optional[Callable[[nn.Module, torch.Tensor], None]] = None, cca: bool = True,
                  cca_scale: Optional[float] = None, cca_normalize: bool = False, alpha_init: float = 0.5,
-                 cca_schedule: Optional[CcaSchedule] = None):
+                 cca_schedule: Optional[CcaSchedule] = None, cca_form: str = "paper"):
         nn.Module.__init__(self)
         self.inner = inner
         self._paths = (fc1, fc2, output)
@@ -48,7 +48,8 @@ class AdaptedSchemeMlp(SchemeMlp):
         self.hidden_features = last.in_features
         self.gated, self.gate_last, self.norm_first, self.channel_shuffle = False, True, False, False
         device = first.weight.device
-        self._init_mixing(self.hidden_features, cca, cca_scale, cca_normalize, alpha_init, cca_schedule, device)
+        self._init_mixing(self.hidden_features, cca, cca_scale, cca_normalize, alpha_init, cca_schedule, device,
+                          cca_form)
         self.kernel_plan: Optional[Tuple[Optional[str], ...]] = None
 
     # the projections inside `inner`, under SchemeMlp's names for code reading a mixer's projections (fusing and

@@ -65,7 +65,8 @@ def _is_sharded(t: Optional[torch.Tensor]) -> bool:
 
 
 class SchemeMlp(nn.Module):
-    """ SCHEME mixer: y = alpha * BD_MLP(x) + (1 - alpha) * CCA(x) in training, alpha * BD_MLP(x) in eval.
+    """ SCHEME mixer: y = alpha * BD_MLP(x) + (1 - alpha) * CCA(x) in training, alpha * BD_MLP(x) in eval;
+    `cca_form` picks what CCA mixes (the input, as in the paper, or the BD-MLP's output; see `kernels.cca`).
     (alpha, 1 - alpha) = softmax(mix_logits), the CCA weight capped by `cca_schedule` as optimizer steps go by;
     `fuse()` folds alpha into fc2 and drops CCA for inference.
 
@@ -95,6 +96,7 @@ class SchemeMlp(nn.Module):
             cca: bool = True,
             cca_scale: Optional[float] = None,
             cca_normalize: bool = False,
+            cca_form: str = "paper",
             alpha_init: float = 0.5,
             cca_schedule: Optional[CcaSchedule] = None,
             channel_shuffle: bool = False,
@@ -132,15 +134,16 @@ class SchemeMlp(nn.Module):
         self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
         self.fc2 = linear_layer(hidden_features, out_features, groups, bias=bias[1], **dd)
         self.drop2 = nn.Dropout(drop_probs[1])
-        self._init_mixing(hidden_features, cca, cca_scale, cca_normalize, alpha_init, cca_schedule, device)
+        self._init_mixing(hidden_features, cca, cca_scale, cca_normalize, alpha_init, cca_schedule, device, cca_form)
 
     def _init_mixing(self, hidden_features: int, cca: bool, cca_scale: Optional[float], cca_normalize: bool,
-                     alpha_init: float, cca_schedule: Optional[CcaSchedule], device) -> None:
+                     alpha_init: float, cca_schedule: Optional[CcaSchedule], device, cca_form: str = "paper") -> None:
         """The CCA branch, its mixing logits and the schedule's state (shared with the adapted mixers)."""
         use_conv = self.use_conv
         if cca:
             scale = hidden_features ** -0.5 if cca_scale is None else cca_scale
-            self.cca = ChannelCovarianceAttention(scale, normalize=cca_normalize, channels_last=not use_conv)
+            self.cca = ChannelCovarianceAttention(scale, normalize=cca_normalize, channels_last=not use_conv,
+                                                  form=cca_form, groups=self.groups)
             # logits of (alpha, 1 - alpha); kept 1-D so timm's optimizer factories exempt them from weight decay
             logits = torch.tensor([math.log(alpha_init), math.log(1.0 - alpha_init)], device=device)
             self.mix_logits = nn.Parameter(logits)
@@ -375,7 +378,7 @@ class SchemeMlp(nn.Module):
             return y
         cca_weight = self._cca_weight_plain().to(y.dtype)
         if (self.training or self.cca_in_eval) and not self._cca_skipped:
-            return torch.lerp(y, cca(x).to(y.dtype), cca_weight)
+            return torch.lerp(y, cca(x, y).to(y.dtype), cca_weight)
         return (1.0 - cca_weight) * y
 
     @torch.jit.unused
@@ -397,7 +400,7 @@ class SchemeMlp(nn.Module):
             return alpha.to(y.dtype) * y
         # alpha = 1 - cca_weight, so this is alpha * y + cca_weight * CCA(x) in one fused pass (and a
         # cheaper backward than two scalings and an add)
-        return torch.lerp(y, self.cca(x).to(y.dtype), cca_weight.to(y.dtype))
+        return torch.lerp(y, self.cca(x, y).to(y.dtype), cca_weight.to(y.dtype))
 
     @torch.no_grad()
     def fuse(self) -> 'SchemeMlp':

@@ -2,7 +2,8 @@
 an image folder (one DDP replica per process under torchrun), then evaluated as trained, fused, verified and
 exported as a timm checkpoint folder.
 
-Writes to ``args.output``: ``log.csv`` and ``log.json`` (per epoch: top-1, loss, lr, per-layer 1 - alpha),
+Writes to ``args.output``: ``log.csv`` and ``log.json`` (per epoch: top-1, loss, lr, per-layer 1 - alpha,
+the CCA branch's share of the mixers' output and its cross-group attention on a fixed batch),
 ``checkpoint.pth`` (resumable with ``--resume``), ``summary.json`` and ``export/`` (the fused model). Under
 torchrun rank 0 alone writes.
 """
@@ -27,6 +28,7 @@ from timm.utils import random_seed
 from torch import nn
 
 from ..config import SchemeConfig
+from ..diagnostics import cca_diagnostics, summarize
 from ..distributed import Processes, check_ranks_agree, end_processes, replicate, start_processes
 from ..fuse import FuseVerificationError, fuse_for_inference
 from ..io import CheckpointFormatError, read_training_checkpoint, save_pretrained
@@ -39,6 +41,7 @@ from .loop import evaluate, train_one_epoch
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pth"
+DIAGNOSTIC_IMAGES = 32  # the fixed batch the per-epoch CCA diagnostics read
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +88,9 @@ def _run(args: argparse.Namespace, processes: Processes) -> int:
         start_epoch, history = _load_checkpoint(args.resume, model, optimizer, scheduler, processes.world_size)
         _logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
     replica = replicate(model, processes)
+    probe = data.calibration_images(DIAGNOSTIC_IMAGES).to(processes.device) if _has_cca(model) else None
+    if probe is not None and processes.is_main:
+        _logger.info("at start: %s", summarize(cca_diagnostics(model, probe)))
 
     for epoch in range(start_epoch, args.epochs):
         # a resumed run repeats the uninterrupted one; ranks draw different augmentations and dropout
@@ -102,6 +108,10 @@ def _run(args: argparse.Namespace, processes: Processes) -> int:
         check_ranks_agree(model, processes)
         record = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], train_loss=train_loss,
                       eval_loss=eval_loss, top1=top1, time_s=time.perf_counter() - started, **cca_state(model))
+        diagnostics = cca_diagnostics(model, probe, warn=False) if probe is not None and processes.is_main else {}
+        if diagnostics:  # on a fixed batch: how much of the mixers' output CCA carries, and across which groups
+            record.update(cca_share_mean=_mean(d.cca_share for d in diagnostics.values()),
+                          cca_cross_group_mass_mean=_mean(d.cross_group_mass for d in diagnostics.values()))
         history.append(record)
         if processes.is_main:
             _write_logs(out, recorded_args, history)
@@ -109,6 +119,8 @@ def _run(args: argparse.Namespace, processes: Processes) -> int:
         _logger.info("epoch %d/%d  train loss %.4f  eval loss %.4f  top-1 %.2f%%  mean 1-alpha %.4f  %.1fs",
                      epoch + 1, args.epochs, train_loss, eval_loss, top1, record["cca_weight_mean"],
                      record["time_s"])
+        if diagnostics:
+            _logger.info("  %s", summarize(diagnostics))
         if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < args.epochs:
             _logger.info("stopped after epoch %d of %d (--stop-after); continue with --resume %s",
                          epoch + 1, args.epochs, out / CHECKPOINT)
@@ -207,6 +219,15 @@ def create_with_optional(name: str, kwargs: Dict[str, Any], optional: Dict[str, 
         except TypeError as error:  # an argument this architecture does not take
             first_error = first_error or error
     raise first_error
+
+
+def _has_cca(model: nn.Module) -> bool:
+    return any(m.has_cca for m in scheme_mixers(model).values())
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
 
 
 def cca_state(model: nn.Module) -> Dict[str, Any]:
