@@ -46,11 +46,8 @@ TIMEOUT_S = 240
 
 def _tiny_scheme_vit(skip: bool) -> torch.nn.Module:
     model = timm.create_model("vit_tiny_patch16_224", **MODEL_KWARGS)
-    # annealed over the optimizer steps (half way by the end): every rank's clock must match the reference's;
-    # block-diagonal steps stretched 2x (block_lr_power) and taken under a multiplier (block_multiplier_power):
-    # on DTensor shards as on the reference's tensors
-    scheme_patch(model, groups=4, expansion=4, cca=True, cca_anneal_steps=2 * STEPS, cca_anneal_start=0.0,
-                 block_lr_power=0.5, block_multiplier_power=0.5)
+    # annealed over the optimizer steps (half way by the end): every rank's clock must match the reference's
+    scheme_patch(model, groups=4, expansion=4, cca=True, cca_anneal_steps=2 * STEPS, cca_anneal_start=0.0)
     mixers = scheme_mixers(model)
     mixers[SKIPPED_LATER].recompute_hidden = True  # the tiled autograd.Function, under DDP/FSDP as well
     if skip:

@@ -24,7 +24,6 @@ from .config import SchemeConfig
 from .host_init import draw_layer_like, draw_like
 from .layers import AdaptedSchemeMlp, BlockDiagonalConv1x1, BlockDiagonalLinear
 from .layers.adapted import adapted_mixer_class
-from .lr_scale import set_lr_scale, set_multiplier
 
 
 @dataclass(frozen=True)
@@ -247,8 +246,6 @@ def build_adapted(spec: AdaptedLayout, hidden: int, config: SchemeConfig) -> Ada
     for path, old, (n_in, n_out) in projections + [(adapter.fc2, spec.fc2, (hidden, spec.out_features))]:
         new = kind(n_in, n_out, groups, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
         draw_layer_like(new, [old])
-        set_lr_scale(new, [old], config.block_lr_power)
-        set_multiplier(new, [old], config.block_multiplier_power)
         inner.set_submodule(path, new)
     _keep_reparameterization_off_projections(inner)
     for path in adapter.hidden:

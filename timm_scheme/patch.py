@@ -15,7 +15,6 @@ from .convert import CalibrationData, InitReport, init_from_dense
 from .convert_adapted import init_adapted_from_dense
 from .host_init import draw_layer_like
 from .layers import SchemeMlp
-from .lr_scale import set_lr_scale, set_multiplier
 from .mixers import is_patched
 from .adapters import AdaptedLayout, adapter_for, build_adapted, mlp_adapters, read_adapted
 from .timm_mlps import SUPPORTED_MLP_TYPES, MlpLayout, is_timm_mlp, read_mlp
@@ -251,10 +250,6 @@ def _build(spec, hidden: int, config: SchemeConfig) -> SchemeMlp:
     # a drop-in replacement starts like the layer it replaces (host_init)
     draw_layer_like(new.fc1, spec.fc1)
     draw_layer_like(new.fc2, [spec.fc2])
-    set_lr_scale(new.fc1, spec.fc1, config.block_lr_power)
-    set_lr_scale(new.fc2, [spec.fc2], config.block_lr_power)
-    set_multiplier(new.fc1, spec.fc1, config.block_multiplier_power)
-    set_multiplier(new.fc2, [spec.fc2], config.block_multiplier_power)
     new.act = copy.deepcopy(spec.act)  # keeps learnable activations (e.g. StarReLU's scale and bias)
     new.norm = _resized_norm(spec, hidden)
     new.cca_skip_threshold = config.cca_skip_threshold

@@ -91,12 +91,9 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     "scheme_second_stage": {"groups": 4, "expansion": 8, "only": "layers.1."},
     # fc2's groups read every fc1 group (channel shuffle): mixing across groups at no extra cost
     "scheme_shuffle": {"groups": 4, "expansion": 8, "channel_shuffle": True},
-    # block-diagonal weights step as with a learning rate (dense fan-in / block fan-in) ** power times larger
-    "scheme_lr_sqrt": {"groups": 4, "expansion": 8, "block_lr_power": 0.5},
-    "scheme_lr_fan_in": {"groups": 4, "expansion": 8, "block_lr_power": 1.0},
-    # block-diagonal weights trained as under an output multiplier (dense fan-in / block fan-in) ** 0.5 (muP)
-    "scheme_mult_sqrt": {"groups": 4, "expansion": 8, "block_multiplier_power": 0.5},
 }
+# variants of options since removed (they measured no gain): their earlier results still join the tables (--earlier)
+RETIRED_VARIANTS = ("scheme_lr_sqrt", "scheme_lr_fan_in", "scheme_mult_sqrt")
 
 
 def make_digits(root: Path) -> int:
@@ -348,7 +345,7 @@ def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
              "| family | variant | " + " | ".join(label for _, label in columns) + " | deployed minus dense, same seeds |",
              "|---|---|" + "---|" * (len(columns) + 1)]
     keys = sorted({(r["family"], r["variant"]) for r in records},
-                  key=lambda k: (list(FAMILIES).index(k[0]), list(VARIANTS).index(k[1])))
+                  key=lambda k: (list(FAMILIES).index(k[0]), [*VARIANTS, *RETIRED_VARIANTS].index(k[1])))
     for family, variant in keys:
         rows = sorted((r for r in records if r["family"] == family and r["variant"] == variant), key=lambda r: r["seed"])
         cells = []

@@ -11,13 +11,9 @@ from torch import nn
 
 from ..kernels import block_diagonal_conv1x1, block_diagonal_linear, conv1x1_grouped, linear_per_group
 from ..kernels.dispatch import tracing
-from ..lr_scale import track
 
 
 class _BlockDiagonal(nn.Module):
-    lr_scale: float = 1.0  # optimizer steps on the weight are stretched by this (timm_scheme.lr_scale)
-    multiplier: float = 1.0  # the weight trains as this output multiplier would make it (timm_scheme.lr_scale)
-
     def __init__(
             self,
             in_features: int,
@@ -39,10 +35,6 @@ class _BlockDiagonal(nn.Module):
         self.weight = nn.Parameter(torch.empty(groups, out_features // groups, in_features // groups, **dd))
         self.bias = nn.Parameter(torch.empty(out_features, **dd)) if bias else None
         self.reset_parameters()
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        track(self)  # a copy (deepcopy, pickle) learns as the layer it copies does
 
     def reset_parameters(self):
         # nn.Linear's default init, applied per block (fan-in is one group's width); scheme_patch redraws the
