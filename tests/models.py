@@ -3,7 +3,9 @@ from typing import Sequence, Union
 
 import timm
 import torch
+from timm.models import get_notrace_functions, get_notrace_modules
 from torch import nn
+from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
 
 # name -> (create_model kwargs, input image size): pretrained=False, small images keep them quick
 ARCHITECTURES = {
@@ -43,3 +45,20 @@ def shallow(model: nn.Module, keep: Union[int, Sequence[int]] = 2) -> nn.Module:
     for blocks, count in zip(stages, counts):
         del blocks[count:]
     return model
+
+
+def timm_fx_model(model: nn.Module, train: bool = False) -> nn.Module:
+    """timm's FX model of its tests (``_create_fx_model`` of timm's tests/test_models.py): torchvision's feature
+    extraction with timm's leaf modules and functions, returning the nodes that feed the graph's output."""
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    train_return = [train_nodes[-1]]
+    if train:
+        graph = NodePathTracer(**tracer_kwargs).trace(model)
+        nodes = list(reversed(graph.nodes))
+        outputs = [n.name for n in nodes[0]._input_nodes.keys()]
+        names = [n.name for n in nodes]
+        train_return = [train_nodes[-names.index(n)] for n in outputs]
+    return create_feature_extractor(model, train_return_nodes=train_return, eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=tracer_kwargs)

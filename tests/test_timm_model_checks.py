@@ -16,14 +16,12 @@ import pytest
 import timm
 import torch
 from timm.layers import get_channel_dim, get_spatial_dim
-from timm.models import get_notrace_functions, get_notrace_modules
 from timm.models._manipulate import group_parameters
 from torch import nn
-from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
 
 from timm_scheme import fuse_for_inference, scheme_patch
 
-from .models import ARCHITECTURES, create, shallow
+from .models import ARCHITECTURES, create, shallow, timm_fx_model
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -195,23 +193,6 @@ def test_torchscript(name):
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
 
 
-def _fx_model(model: nn.Module, train: bool = False) -> nn.Module:
-    """timm's FX model of its tests: torchvision's feature extraction with timm's leaf modules and functions,
-    returning the nodes that feed the graph's output."""
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
-                         param_shapes_constant=True)
-    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    train_return = [train_nodes[-1]]
-    if train:
-        graph = NodePathTracer(**tracer_kwargs).trace(model)
-        nodes = list(reversed(graph.nodes))
-        outputs = [n.name for n in nodes[0]._input_nodes.keys()]
-        names = [n.name for n in nodes]
-        train_return = [train_nodes[-names.index(n)] for n in outputs]
-    return create_feature_extractor(model, train_return_nodes=train_return, eval_return_nodes=[eval_nodes[-1]],
-                                    tracer_kwargs=tracer_kwargs)
-
-
 @pytest.mark.parametrize("name", FX_PARAMS)
 def test_fx_forward_backward_and_fx_torchscript(name):
     factory, size = MODELS[name]
@@ -219,15 +200,15 @@ def test_fx_forward_backward_and_fx_torchscript(name):
     x = inputs(size)
     with torch.inference_mode():
         want = model(x)
-        fx = _fx_model(model)
+        fx = timm_fx_model(model)
         got = torch.cat(tuple(fx(x).values()))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with torch.inference_mode():
-        scripted = torch.jit.script(_fx_model(model))
+        scripted = torch.jit.script(timm_fx_model(model))
         torch.testing.assert_close(torch.cat(tuple(scripted(x).values())), want, rtol=1e-4, atol=1e-5)
 
     train_model = factory(num_classes=42).train()
-    fx_train = _fx_model(train_model, train=True)
+    fx_train = timm_fx_model(train_model, train=True)
     out = torch.cat(tuple(fx_train(inputs(size, 2)).values()))
     out.mean().backward()
     assert out.shape[-1] == 42

@@ -14,6 +14,7 @@ from .layers import AdaptedSchemeMlp, BlockDiagonalConv1x1, BlockDiagonalLinear,
 from .adapters import MlpAdapter, mlp_adapters, register_mlp_adapter, unregister_mlp_adapter
 from .patch import find_mlps, scheme_patch
 from . import models  # registers the SCHEMEformer family in timm's model registry
+from . import fx  # timm's FX tracing calls the SCHEME modules as leaves: FX computes what eager does
 from .io import export_onnx, export_torchscript, from_pretrained, push_to_hub, save_pretrained  # also registers the checkpoint architecture
 
 __version__ = "0.1.0"
