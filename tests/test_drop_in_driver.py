@@ -65,11 +65,25 @@ def test_results_table_reports_the_gap_to_dense_over_shared_seeds(tmp_path):
     rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in table[4:]}
     gaps = [93.0 - 94.0, 94.5 - 92.0]  # seed 4 has no dense run: left out of the gap, kept in the mean
     expected = f"{statistics.mean(gaps):+.1f} ± {statistics.stdev(gaps) / 2 ** 0.5:.1f} (2 seeds)"
-    assert rows[("swin", "scheme")].rstrip(" |").endswith(expected)
+    minus_dense = {k: line.rstrip(" |").split(" | ")[-2] for k, line in rows.items()}
+    assert minus_dense[("swin", "scheme")] == expected
     assert f"{statistics.mean([93.0, 94.5, 90.0]):.1f} (93.0 / 94.5 / 90.0)" in rows[("swin", "scheme")]
-    assert rows[("vit", "scheme")].rstrip(" |").endswith("+1.0 (1 seed)")
-    assert rows[("swin", "dense")].rstrip(" |").endswith("| -")
+    assert minus_dense[("vit", "scheme")] == "+1.0 (1 seed)"
+    assert minus_dense[("swin", "dense")] == "-"
     assert json.loads((tmp_path / "results.json").read_text()) == records
+
+
+def test_results_table_reports_a_cca_form_against_the_bare_line_over_shared_seeds(tmp_path):
+    run_timm_train = driver()
+    records = [record("vit", "dense", 1, 90.0), record("vit", "scheme", 1, 91.0), record("vit", "scheme", 2, 88.0),
+               record("vit", "scheme_cca_output_cross", 1, 93.0), record("vit", "scheme_cca_output_cross", 2, 88.5),
+               record("vit", "scheme_cca_output_cross", 3, 80.0)]  # seed 3: no bare-line run to pair with
+    run_timm_train.summarise(records, tmp_path, "test machine")
+    line = next(x for x in (tmp_path / "results.md").read_text().splitlines() if "scheme_cca_output_cross" in x)
+    gaps = [93.0 - 91.0, 88.5 - 88.0]
+    *_, minus_dense, minus_bare = line.rstrip(" |").split(" | ")
+    assert minus_bare == f"{statistics.mean(gaps):+.1f} ± {statistics.stdev(gaps) / 2 ** 0.5:.1f} (2 seeds)"
+    assert minus_dense == "+3.0 (1 seed)"
 
 
 def test_runs_from_an_earlier_sweep_join_the_table_with_the_machine_each_ran_on(tmp_path):
@@ -106,8 +120,8 @@ def test_a_seed_whose_dense_run_ran_on_another_machine_is_left_out_of_the_gap_an
     gaps = [98.0 - 97.0, 99.0 - 96.0]
     expected = f"{statistics.mean(gaps):+.1f} ± {statistics.stdev(gaps) / 2 ** 0.5:.1f} " \
                "(2 seeds; s3 left out: dense ran on another machine)"
-    assert scheme_row.rstrip(" |").endswith(expected)
-    assert run_timm_train.against_dense(records[5:], records[4:5], "machine B") == \
+    assert scheme_row.rstrip(" |").split(" | ")[-2] == expected
+    assert run_timm_train.paired_gap(records[5:], records[4:5], "machine B") == \
         "- (s3 left out: dense ran on another machine)"
 
 

@@ -289,21 +289,22 @@ def with_calibrated(record: Dict[str, Any], folder: Path, data: Path) -> Dict[st
     return record
 
 
-def against_dense(rows: List[Dict[str, Any]], dense: List[Dict[str, Any]], machine: str = "") -> str:
-    """Mean over the seeds both have of (variant - dense) train.py top-1, with its standard error: whether a gap
-    stands out of the seeds' spread. A seed pairs only where both runs ran on one machine (a record without one
+def paired_gap(rows: List[Dict[str, Any]], reference: List[Dict[str, Any]], machine: str = "",
+               reference_name: str = "dense") -> str:
+    """Mean over the seeds both have of (variant - reference) train.py top-1, with its standard error: whether a
+    gap stands out of the seeds' spread. A seed pairs only where both runs ran on one machine (a record without one
     ran on ``machine``): the same seed gives other figures on another CPU or math library."""
     ran_on = lambda r: r.get("machine") or machine  # noqa: E731
-    dense_of = {r["seed"]: r for r in dense}
+    reference_of = {r["seed"]: r for r in reference}
     gaps, elsewhere = [], []
     for r in rows:
-        if r["variant"] == "dense" or r["seed"] not in dense_of:
+        if r in reference or r["seed"] not in reference_of:
             continue
-        if ran_on(r) != ran_on(dense_of[r["seed"]]):
+        if ran_on(r) != ran_on(reference_of[r["seed"]]):
             elsewhere.append(f"s{r['seed']}")
             continue
-        gaps.append(r["train_py_top1"] - dense_of[r["seed"]]["train_py_top1"])
-    left_out = f"{', '.join(elsewhere)} left out: dense ran on another machine" if elsewhere else ""
+        gaps.append(r["train_py_top1"] - reference_of[r["seed"]]["train_py_top1"])
+    left_out = f"{', '.join(elsewhere)} left out: {reference_name} ran on another machine" if elsewhere else ""
     note = f"; {left_out}" if left_out else ""
     if not gaps:
         return f"- ({left_out})" if left_out else "-"
@@ -342,8 +343,9 @@ def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
                ("fused_calibrated_top1", "fused with calibration (256 train images)")]
     epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in records}))
     lines = [f"Validation top-1 (%) on digits after {epochs} epochs, mean of seeds (per seed). {where}", "",
-             "| family | variant | " + " | ".join(label for _, label in columns) + " | deployed minus dense, same seeds |",
-             "|---|---|" + "---|" * (len(columns) + 1)]
+             "| family | variant | " + " | ".join(label for _, label in columns)
+             + " | deployed minus dense, same seeds | deployed minus the bare line (scheme), same seeds |",
+             "|---|---|" + "---|" * (len(columns) + 2)]
     keys = sorted({(r["family"], r["variant"]) for r in records},
                   key=lambda k: (list(FAMILIES).index(k[0]), [*VARIANTS, *RETIRED_VARIANTS].index(k[1])))
     for family, variant in keys:
@@ -352,8 +354,9 @@ def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
         for key, _ in columns:
             values = [r[key] for r in rows if key in r]
             cells.append(f"{statistics.mean(values):.1f} ({' / '.join(f'{v:.1f}' for v in values)})" if values else "-")
-        dense = [r for r in records if r["family"] == family and r["variant"] == "dense"]
-        cells.append(against_dense(rows, dense, machine))
+        of = lambda name: [r for r in records if r["family"] == family and r["variant"] == name]  # noqa: E731
+        cells.append(paired_gap(rows, of("dense"), machine))
+        cells.append(paired_gap(rows, of("scheme"), machine, "the bare line") if variant != "dense" else "-")
         lines.append(f"| {family} | {variant} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
