@@ -129,7 +129,8 @@ def correctness(report: Report, device: str, tokens: int, width: int) -> None:
 def _int8_checks(report: Report, device: str, tokens: int, width: int) -> None:
     """The int8 layers on the device (cuBLASLt's int8 GEMM, one tile) against the dequantized product computed
     in float64 on the CPU: the same integers, so float rounding only."""
-    from timm_scheme.quantize import Int8BlockDiagonalLinear, quantize_per_row
+    from timm_scheme.kernels.int8 import quantize_per_row
+    from timm_scheme.layers.int8 import Int8BlockDiagonalLinear
 
     torch.manual_seed(0)
     for rows in (tokens, 8):  # 8 rows: below cuBLASLt's minimum, the exact float fallback

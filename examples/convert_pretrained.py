@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from timm_scheme import fuse_for_inference, scheme_mixers, scheme_patch
-from timm_scheme.convert import init_from_dense, layer_output_errors
-from timm_scheme.data import load_digits_tensors
+from timm_scheme.conversion import init_from_dense, layer_output_errors
+from timm_scheme.patching.patch import find_mlps
 from timm_scheme.training import random_batches, short_schedule, train_one_epoch
-from timm_scheme.distill import Distiller
-from timm_scheme.patch import find_mlps
+from timm_scheme.training.digits import load_digits_tensors
+from timm_scheme.training.distill import Distiller
 
 HERE = Path(__file__).resolve().parent
 RESULTS = "dense_init"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import timm_scheme.kernels.block_diagonal as bd
+import timm_scheme.kernels.mlp as bd_mlp
 from timm_scheme import SchemeMlp
 from timm_scheme.kernels import dispatch
 
@@ -70,9 +71,10 @@ def test_training_gradients_match_a_dense_recomputation(form, layout):
 @pytest.mark.parametrize("form", [dispatch.GROUPED_MM], indirect=True)
 def test_grouped_mm_runs_without_autograd_and_batched_with_it(form, monkeypatch):
     calls = []
-    for name in ("mlp_grouped_mm", "mlp_batched", "linear_grouped_mm", "linear_batched"):
-        original = getattr(bd, name)
-        monkeypatch.setattr(bd, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    for module, name in ((bd_mlp, "mlp_grouped_mm"), (bd_mlp, "mlp_batched"), (bd, "linear_grouped_mm"),
+                         (bd, "linear_batched")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     mixer = make()
     x = torch.randn(2, 9, 16)
     with torch.no_grad():

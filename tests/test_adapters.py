@@ -1,5 +1,5 @@
-"""MLP adapters (timm_scheme.adapters): a model the tests define, with its own MLP classes, taught to scheme_patch
-through the public registry; the patched mixer against a dense re-computation, fusing, checkpoints, the host
+"""MLP adapters (timm_scheme.patching.adapters): a model the tests define, with its own MLP classes, taught to
+scheme_patch through the public registry; the patched mixer against a dense re-computation, fusing, checkpoints, the host
 init rule, every refusal; and the built-in adapters of timm's families against statistics of their dense layers."""
 import copy
 
@@ -12,7 +12,7 @@ from torch import nn
 import timm_scheme
 from timm_scheme import (AdaptedSchemeMlp, fuse_for_inference, register_mlp_adapter, save_pretrained, scheme_mixers,
                          scheme_patch, unregister_mlp_adapter)
-from timm_scheme.adapters import adapter_for
+from timm_scheme.patching.adapters import adapter_for
 
 from .references import cut_to_routes, route_groups
 
@@ -360,7 +360,7 @@ def test_options_adapted_layers_do_not_take_are_refused(registered):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_adapted_mixers_quantize_through_their_own_forward():
-    from timm_scheme import quantize as Q
+    from timm_scheme.integrations import quantize as Q
     torch.manual_seed(0)
     model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=5)
     fuse_for_inference(scheme_patch(model, groups=4, expansion=8, cca=True).eval())
@@ -378,7 +378,7 @@ def test_adapted_mixers_quantize_through_their_own_forward():
 
 def test_lora_reaches_adapted_projections():
     peft = pytest.importorskip("peft")
-    from timm_scheme.lora import BlockDiagonalLora, register_lora
+    from timm_scheme.integrations.lora import BlockDiagonalLora, register_lora
     torch.manual_seed(0)
     model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=5)
     scheme_patch(model, groups=4, expansion=4)

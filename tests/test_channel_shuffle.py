@@ -14,9 +14,9 @@ from timm.utils.onnx import onnx_export
 from torch import nn
 
 import timm_scheme
-import timm_scheme.kernels.block_diagonal as bd
+import timm_scheme.kernels.mlp as bd_mlp
 from timm_scheme import SchemeMlp, fuse_for_inference, scheme_patch
-from timm_scheme.convert import layer_output_errors
+from timm_scheme.conversion import layer_output_errors
 from timm_scheme.io import save_pretrained
 from timm_scheme.mixers import scheme_mixers
 
@@ -83,7 +83,7 @@ LAYOUTS = [dict(), dict(use_conv=True), dict(gated=True), dict(gated=True, gate_
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "-".join(d) or "plain")
 def test_eval_forward_matches_the_explicit_permutation(layout, monkeypatch):
     mixer = make(**layout).eval()
-    monkeypatch.setattr(bd, "TILE_BYTES_PER_THREAD", 64 * 4 * 8)  # several token tiles per call
+    monkeypatch.setattr(bd_mlp, "TILE_BYTES_PER_THREAD", 64 * 4 * 8)  # several token tiles per call
     x = inputs(mixer, tokens=300)
     with torch.no_grad():
         torch.testing.assert_close(mixer(x).double(), reference(mixer, x), rtol=1e-5, atol=1e-5)
@@ -110,7 +110,7 @@ def test_other_kernel_forms_match(form):
     """The forms torch.compile / autocast (per group) and accelerators (batched) run, called directly on CPU."""
     mixer = make(gated=True).double()
     x = inputs(mixer).double()
-    kernel = bd.mlp_per_group if form == "per_group" else bd.mlp_batched
+    kernel = bd_mlp.mlp_per_group if form == "per_group" else bd_mlp.mlp_batched
     y = kernel(x, mixer.fc1.weight, mixer.fc1.bias, mixer.fc2.weight, mixer.fc2.bias, mixer.group_hidden,
                shuffle=True)
     torch.testing.assert_close(y, reference(mixer, x))

@@ -1,4 +1,4 @@
-"""init="dense": converting pretrained dense MLPs into block-diagonal ones (timm_scheme.convert)."""
+"""init="dense": converting pretrained dense MLPs into block-diagonal ones (timm_scheme.conversion)."""
 import copy
 import itertools
 import json
@@ -14,11 +14,11 @@ from timm.layers.mlp import ConvMlp, GluMlp, Mlp, SwiGLU
 
 from timm_scheme import SchemeMlp, save_pretrained, scheme_mixers
 from timm_scheme import scheme_patch as _scheme_patch
-from timm_scheme.convert import (
+from timm_scheme.conversion import (
     OutputErrorStats, assign_units, dense_weights, diagonal_units, energy_scores, init_from_dense,
     layer_output_errors, original_unit_slots, total_score)
-from timm_scheme.distill import Distiller
-from timm_scheme.patch import find_mlps
+from timm_scheme.patching.patch import find_mlps
+from timm_scheme.training.distill import Distiller
 
 from .models import create, example_input
 from .references import cut_to_routes, route_groups

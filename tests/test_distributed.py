@@ -127,7 +127,7 @@ def _run_scenario(scenario: str, rank: int, inputs: dict) -> dict:
 def _rank_check(rank: int, inputs: dict) -> dict:
     """`timm-scheme train`'s per-epoch check that the ranks mix and skip alike: silent while they do, and
     the error it raises once rank 1's CCA limit differs."""
-    from timm_scheme.distributed import Processes, check_ranks_agree
+    from timm_scheme.training.distributed import Processes, check_ranks_agree
     processes = Processes(rank=rank, world_size=WORLD_SIZE)
     model = _tiny_scheme_vit(skip=False)
     model.load_state_dict(inputs["init"])

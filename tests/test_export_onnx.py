@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-import timm_scheme.kernels.block_diagonal as bd
+import timm_scheme.kernels.mlp as bd_mlp
 from timm_scheme import export_onnx, fuse_for_inference, scheme_patch
 from timm_scheme.cli import main
 from timm_scheme.io import OnnxVerificationError
@@ -98,7 +98,7 @@ def test_torch_export_of_training_mode_model_keeps_cca(key):
 def test_traced_mixer_is_not_specialised_to_token_count(use_conv, monkeypatch):
     """Eagerly and without autograd, the fused mixer runs a tiled CPU kernel whose Python loop depends on the
     token count; traced, it must take the plain per-group path, or batch and tokens could not stay dynamic."""
-    monkeypatch.setattr(bd, "TILE_BYTES_PER_THREAD", 1)  # 64-token tiles: 200 tokens span four of them
+    monkeypatch.setattr(bd_mlp, "TILE_BYTES_PER_THREAD", 1)  # 64-token tiles: 200 tokens span four of them
     torch.manual_seed(0)
     mixer = SchemeMlp(16, 64, groups=4, use_conv=use_conv, gated=True, act_layer=nn.SiLU).eval().fuse()
     batch, tokens = torch.export.Dim("batch", max=64), torch.export.Dim("tokens", max=4096)

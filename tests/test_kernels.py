@@ -8,6 +8,7 @@ from timm.models.metaformer import StarReLU
 
 import timm_scheme.kernels.block_diagonal as bd
 import timm_scheme.kernels.cca as cca_mod
+import timm_scheme.kernels.mlp as bd_mlp
 from timm_scheme.kernels import dispatch
 from timm_scheme.layers import ChannelCovarianceAttention, SchemeMlp
 from timm_scheme.kernels.dispatch import is_elementwise as _is_elementwise
@@ -16,7 +17,7 @@ from timm_scheme.kernels.dispatch import is_elementwise as _is_elementwise
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 64 tokens, so a few hundred tokens cover several tiles and a remainder."""
-    monkeypatch.setattr(bd, "TILE_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(bd_mlp, "TILE_BYTES_PER_THREAD", 1)
 
 
 def dense(weight: torch.Tensor) -> torch.Tensor:
@@ -136,12 +137,12 @@ def mlp_params(groups, c, hidden, gated, dtype=torch.float32, bias=True):
 
 
 TOKEN_KERNELS = {
-    "dispatch": lambda *a: bd.block_diagonal_mlp(*a[:6], act_params=a[6]),
-    "dispatch_recompute": lambda *a: bd.block_diagonal_mlp(*a[:6], act_params=a[6], recompute=True),
-    "tiled_autograd_fn": lambda x, w1, b1, w2, b2, fn, ap: bd.TiledBlockDiagonalMlp.apply(
+    "dispatch": lambda *a: bd_mlp.block_diagonal_mlp(*a[:6], act_params=a[6]),
+    "dispatch_recompute": lambda *a: bd_mlp.block_diagonal_mlp(*a[:6], act_params=a[6], recompute=True),
+    "tiled_autograd_fn": lambda x, w1, b1, w2, b2, fn, ap: bd_mlp.TiledBlockDiagonalMlp.apply(
         x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, fn, *ap).reshape(*x.shape[:-1], w2.shape[0] * w2.shape[1]),
-    "unfused": lambda x, w1, b1, w2, b2, fn, ap: bd.mlp_per_group(x, w1, b1, w2, b2, fn),
-    "batched": lambda x, w1, b1, w2, b2, fn, ap: bd.mlp_batched(x, w1, b1, w2, b2, fn),
+    "unfused": lambda x, w1, b1, w2, b2, fn, ap: bd_mlp.mlp_per_group(x, w1, b1, w2, b2, fn),
+    "batched": lambda x, w1, b1, w2, b2, fn, ap: bd_mlp.mlp_batched(x, w1, b1, w2, b2, fn),
 }
 
 
@@ -173,7 +174,7 @@ def test_tiled_forward_without_autograd_matches_dense(bias, small_tiles):
     w1, b1, w2, b2 = mlp_params(4, 16, 64, gated=False, bias=bias)
     x = torch.randn(200, 16)
     with torch.no_grad():
-        y = bd.mlp_tiles_forward(x, w1, b1, w2, b2, F.gelu)
+        y = bd_mlp.mlp_tiles_forward(x, w1, b1, w2, b2, F.gelu)
         torch.testing.assert_close(y, reference_mlp(x, w1, b1, w2, b2, F.gelu), rtol=1e-5, atol=1e-5)
 
 
@@ -186,7 +187,7 @@ def test_tiled_mlp_gradcheck_float64(gated, small_tiles):
     x = torch.randn(130, 4, dtype=torch.float64, requires_grad=True)  # 3 tiles of 64
 
     def run(x, w1, b1, w2, b2, scale, shift):
-        return bd.TiledBlockDiagonalMlp.apply(x, w1, b1, w2, b2, fn, scale, shift)
+        return bd_mlp.TiledBlockDiagonalMlp.apply(x, w1, b1, w2, b2, fn, scale, shift)
 
     assert torch.autograd.gradcheck(run, (x, w1, b1, w2, b2, act.scale, act.bias))
 
@@ -195,7 +196,7 @@ def test_tiled_mlp_skips_gradients_nobody_asked_for(small_tiles):
     torch.manual_seed(0)
     w1, b1, w2, b2 = mlp_params(2, 8, 16, gated=False)
     x = torch.randn(100, 8)  # an input that needs no gradient, like a model's first layer
-    y = bd.block_diagonal_mlp(x, w1, b1, w2, b2, F.gelu, recompute=True)
+    y = bd_mlp.block_diagonal_mlp(x, w1, b1, w2, b2, F.gelu, recompute=True)
     y.sum().backward()
     ref_w1 = w1.grad.clone()
     w1.grad = None
@@ -216,7 +217,7 @@ def test_nchw_mlp_both_layouts_match_dense(gated, small_tiles, monkeypatch):
     for on_tokens in (True, False):
         monkeypatch.setattr(dispatch, "nchw_on_tokens", lambda t, v=on_tokens: v)
         fn = group_hidden(act, gated, True, dim=-1 if on_tokens else 1)
-        y = bd.block_diagonal_mlp_nchw(x, w1, b1, w2, b2, fn)
+        y = bd_mlp.block_diagonal_mlp_nchw(x, w1, b1, w2, b2, fn)
         assert y.is_contiguous()
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         assert_close_all(grads(y, (x, w1, b1, w2, b2), g), ref_grads, rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 import timm_scheme  # noqa: E402
 from timm_scheme import fuse_for_inference, scheme_mixers, scheme_patch  # noqa: E402
 from timm_scheme.layers import BlockDiagonalConv1x1, BlockDiagonalLinear  # noqa: E402
-from timm_scheme.lora import BlockDiagonalLora, register_lora  # noqa: E402
+from timm_scheme.integrations.lora import BlockDiagonalLora, register_lora  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,6 @@
-"""int8 block-diagonal layers (timm_scheme.quantize): exact against an int8 reference written here, close to
-the float layers and models, both entry points (torch.ao quantize_dynamic, torchao quantize_), accuracy on
-digits, and refusing a model that is not fused."""
+"""int8 block-diagonal layers (timm_scheme.integrations.quantize, layers.int8, kernels.int8): exact against an
+int8 reference written here, close to the float layers and models, both entry points (torch.ao quantize_dynamic,
+torchao quantize_), accuracy on digits, and refusing a model that is not fused."""
 import copy
 import importlib.util
 import math
@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_scheme
-from timm_scheme import quantize as Q
-from timm_scheme.data import load_digits_tensors
+from timm_scheme.integrations import quantize as Q
+from timm_scheme.kernels import int8 as int8_kernels
+from timm_scheme.layers import int8 as int8_layers
+from timm_scheme.training.digits import load_digits_tensors
 from timm_scheme.layers import BlockDiagonalConv1x1, BlockDiagonalLinear, SchemeMlp
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -105,25 +107,25 @@ def test_int8_layer_close_to_float_and_dequantize_round_trips(conv):
 
 def test_int_mm_shape_rules_and_the_exact_fallback(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert Q.int_mm_supported(1, 3, 5, cpu)
-    assert Q.int_mm_supported(17, 64, 32, cuda)
+    assert int8_kernels.int_mm_supported(1, 3, 5, cpu)
+    assert int8_kernels.int_mm_supported(17, 64, 32, cuda)
     # cuBLASLt: more than 16 rows, inner and output widths multiples of 8
-    assert not Q.int_mm_supported(16, 64, 32, cuda)
-    assert not Q.int_mm_supported(32, 12, 32, cuda)
-    assert not Q.int_mm_supported(32, 64, 20, cuda)
-    assert not Q.int_mm_supported(32, 64, 32, torch.device("meta"))
+    assert not int8_kernels.int_mm_supported(16, 64, 32, cuda)
+    assert not int8_kernels.int_mm_supported(32, 12, 32, cuda)
+    assert not int8_kernels.int_mm_supported(32, 64, 20, cuda)
+    assert not int8_kernels.int_mm_supported(32, 64, 32, torch.device("meta"))
 
     layer = BlockDiagonalLinear(48, 72, 3)
     qlayer = Q.Int8BlockDiagonalLinear.from_float(layer)
     x = torch.randn(5, 48)
     y = qlayer(x)
-    monkeypatch.setattr(Q, "int_mm_supported", lambda *args: False)
+    monkeypatch.setattr(int8_kernels, "int_mm_supported", lambda *args: False)
     assert torch.equal(qlayer(x), y)  # the float products are the same integers
     # float64 once float32 could round: depth 2048 (sums up to 2048 * 127**2 > 2**24)
     a = torch.randint(-127, 128, (3, 2048), dtype=torch.int8)
     b = torch.randint(-127, 128, (2048, 4), dtype=torch.int8)
-    assert torch.equal(Q.int8_mm(a, b), a.long() @ b.long())
-    assert Q.int8_mm(a, b).dtype == torch.int32
+    assert torch.equal(int8_kernels.int8_mm(a, b), a.long() @ b.long())
+    assert int8_kernels.int8_mm(a, b).dtype == torch.int32
 
 
 def _dynamic_reference(x2d, layer):
@@ -186,7 +188,7 @@ def test_dynamic_layer_repacks_when_its_weights_change(monkeypatch):
     assert torch.equal(qlayer(x), qother(x)) and not torch.equal(qlayer(x), y)
     assert set(qlayer.state_dict()) == {"weight_int8", "weight_scale", "bias"}
     # where torch.ao's op cannot run (another device), the layer runs the per-token int8 kernel
-    monkeypatch.setattr(Q, "dynamic_gemm_ok", lambda x: False)
+    monkeypatch.setattr(int8_layers, "dynamic_gemm_ok", lambda x: False)
     assert torch.equal(qlayer(x), Q.Int8BlockDiagonalLinear.from_float(other)(x))
 
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import timm_scheme.kernels.block_diagonal as bd
+import timm_scheme.kernels.mlp as bd_mlp
 from timm_scheme import (BlockDiagonalConv1x1, BlockDiagonalLinear, ChannelCovarianceAttention, SchemeMlp,
                          fuse_for_inference, scheme_mixers, scheme_patch)
 
@@ -322,8 +322,8 @@ def test_scheme_mlp_property(groups, in_g, hidden_g, gated, gate_last, use_conv,
     if form == "fused":
         mlp.fuse()
     x.requires_grad_(grad)
-    tile_bytes = 1 if small_tiles else bd.TILE_BYTES_PER_THREAD  # 64-token tiles: up to 3 tiles per call
-    with mock.patch.object(bd, "TILE_BYTES_PER_THREAD", tile_bytes), torch.set_grad_enabled(grad):
+    tile_bytes = 1 if small_tiles else bd_mlp.TILE_BYTES_PER_THREAD  # 64-token tiles: up to 3 tiles per call
+    with mock.patch.object(bd_mlp, "TILE_BYTES_PER_THREAD", tile_bytes), torch.set_grad_enabled(grad):
         out = mlp(x)
     if form == "fused":  # fc2 now holds alpha * W2, and the logits are gone: only the input's gradient compares
         params = [None] * len(params)

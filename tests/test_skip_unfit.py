@@ -37,7 +37,7 @@ def test_patches_what_fits_and_reports_the_rest(caplog):
     expected_skipped = unfit_by_width(model)
     originals = dict(find_mlps(model))
     assert expected_skipped and len(expected_skipped) < len(originals)  # the case this test is about
-    with caplog.at_level(logging.WARNING, logger="timm_scheme.patch"):
+    with caplog.at_level(logging.WARNING, logger="timm_scheme.patching.patch"):
         scheme_patch(model, groups=GROUPS, expansion=8, skip_unfit=True)
     assert set(model.scheme_skipped) == expected_skipped
     for name, module in originals.items():

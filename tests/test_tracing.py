@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor as tv_feature_extractor
 from torchvision.models.feature_extraction import get_graph_node_names
 
-import timm_scheme.kernels.block_diagonal as bd
+import timm_scheme.kernels.mlp as bd_mlp
 from timm_scheme import fuse_for_inference, scheme_patch
 from timm_scheme.cli import main
 from timm_scheme.io import ExportVerificationError, export_torchscript
@@ -114,7 +114,7 @@ def test_jit_trace_of_a_training_model_gives_eager_gradients():
 def test_jit_trace_is_not_specialised_to_token_tiles(monkeypatch):
     """Eager CPU inference loops over 64-token tiles here: traced at 2 images (one tile) and run at 24 (several
     tiles and a remainder), the recorded graph must not carry the tile loop."""
-    monkeypatch.setattr(bd, "TILE_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(bd_mlp, "TILE_BYTES_PER_THREAD", 1)
     model = build("deit_tiny_patch16_224", "fused")
     with torch.no_grad():
         traced = torch.jit.trace(model, images("deit_tiny_patch16_224", TRACE_BATCH), check_trace=False)

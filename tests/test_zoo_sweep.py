@@ -51,7 +51,7 @@ SWEEP = {
     "volo_d1_224": ({}, 224, 4),
     "xcit_nano_12_p8_224": (dict(img_size=64), 64, 4),
     "mixer_s16_224": ({}, 224, 4),
-    # families with their own MLP class, read through timm_scheme's adapters (timm_mlps.py)
+    # families with their own MLP class, read through timm_scheme's adapters (patching/timm_adapters.py)
     "efficientformerv2_s0": (dict(img_size=64), 64, 4),
     "efficientvim_m1": ({}, 64, 4),
     "efficientvit_m0": (dict(img_size=64), 64, 4),

@@ -6,19 +6,21 @@
     ...  # train
     timm_scheme.fuse_for_inference(model)
 """
+from .version import __version__
 from .config import SchemeConfig
 from .fuse import FuseReport, FuseVerificationError, fuse_for_inference
 from .mixers import cca_in_eval, cca_weights, is_fused, is_patched, scheme_mixers, set_cca_limit
 from .schedule import CcaSchedule, cca_anneal_limit
 from .layers import AdaptedSchemeMlp, BlockDiagonalConv1x1, BlockDiagonalLinear, ChannelCovarianceAttention, SchemeMlp
-from .adapters import MlpAdapter, mlp_adapters, register_mlp_adapter, unregister_mlp_adapter
-from .patch import find_mlps, scheme_patch
+from .patching.adapters import MlpAdapter, mlp_adapters, register_mlp_adapter, unregister_mlp_adapter
+from .patching.patch import find_mlps, scheme_patch
+from .patching import timm_adapters  # registers the adapters of timm's families with their own MLP class
 from . import models  # registers the SCHEMEformer family in timm's model registry
 from . import fx  # timm's FX tracing calls the SCHEME modules as leaves: FX computes what eager does
 from .io import export_onnx, export_torchscript, from_pretrained, push_to_hub, save_pretrained  # also registers the checkpoint architecture
 
-__version__ = "0.1.0"
-# optional integrations, imported on demand: timm_scheme.lora (PEFT), timm_scheme.quantize (int8: torch.ao, torchao)
+# optional integrations, imported on demand: timm_scheme.integrations.lora (PEFT), timm_scheme.integrations.quantize
+# (int8: torch.ao, torchao)
 
 __all__ = [
     "SchemeConfig", "CcaSchedule", "scheme_patch", "find_mlps", "is_patched", "is_fused", "fuse_for_inference",

@@ -54,7 +54,7 @@ class SchemeConfig:
         cca_skip_threshold: in training, a layer whose CCA weight is below this skips the CCA branch.
         fuse_warn_threshold: fusing warns about layers whose CCA weight is above this.
         init: how the block-diagonal weights start: ``"random"``, or ``"dense"`` to convert the pretrained
-            dense MLPs (hidden units assigned to groups to keep the most of them; see ``timm_scheme.convert``).
+            dense MLPs (hidden units assigned to groups to keep the most of them; see ``timm_scheme.conversion``).
         skip_unfit: leave dense the layers whose widths ``groups`` (or the expanded hidden width) does not fit,
             and patch the rest, instead of refusing the whole patch; the skipped layers and why are kept on
             ``model.scheme_skipped`` and logged.

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .convert import CalibrationData, Fc2Refit, calibration_batches, layer_io_tokens, relative_output_error
+from .conversion import CalibrationData, Fc2Refit, calibration_batches, layer_io_tokens, relative_output_error
 from .layers import SchemeMlp
 from .mixers import cca_in_eval, scheme_mixers
 from .modes import eval_mode

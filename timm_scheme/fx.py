@@ -14,7 +14,7 @@ from timm.layers import register_notrace_module
 from .layers import AdaptedSchemeMlp, BlockDiagonalConv1x1, BlockDiagonalLinear, ChannelCovarianceAttention, SchemeMlp
 
 # every module whose forward picks another kernel when traced; timm's tracer matches subclasses too (isinstance),
-# so the int8 mixers of ``timm_scheme.quantize`` (SchemeMlp subclasses) are leaves as well
+# so the int8 mixers of ``layers.int8`` (SchemeMlp subclasses) are leaves as well
 LEAF_MODULES = (SchemeMlp, AdaptedSchemeMlp, BlockDiagonalLinear, BlockDiagonalConv1x1, ChannelCovarianceAttention)
 
 for _module in LEAF_MODULES:

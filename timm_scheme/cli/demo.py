@@ -9,11 +9,11 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from ..data import load_digits_tensors
+from ..training.digits import load_digits_tensors
 from ..diagnostics import cca_diagnostics, summarize
 from ..fuse import FuseVerificationError, fuse_for_inference, max_relative_difference
 from ..mixers import cca_weights, scheme_mixers
-from ..patch import find_mlps, scheme_patch
+from ..patching.patch import find_mlps, scheme_patch
 from ..stats import count_macs, count_mlp_params, count_params
 from ..training import random_batches, short_schedule, train_one_epoch
 from ..training.run import create_with_optional

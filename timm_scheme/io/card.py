@@ -24,7 +24,7 @@ def model_card(
         base_model: Optional[str] = None,
         license: Optional[str] = None,
 ) -> str:
-    from .. import __version__
+    from ..version import __version__
 
     tags = ["image-classification", "timm", "scheme", "timm-scheme", "fused" if spec.fused else "unfused"]
     data = ModelCardData(library_name="timm", pipeline_tag="image-classification", tags=tags,

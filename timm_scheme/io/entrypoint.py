@@ -20,7 +20,7 @@ from timm.models._hub import hf_split
 from torch import nn
 
 from ..mixers import is_patched, scheme_mixers
-from ..patch import patch_structure
+from ..patching.patch import patch_structure
 from .format import CONFIG_NAME, ENTRYPOINT, WEIGHTS_NAME, CheckpointFormatError, CheckpointSpec
 from .weights import DIGEST_KEY, check_digest, check_state_dict, safetensors_metadata
 

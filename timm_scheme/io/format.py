@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import SchemeConfig
 from ..mixers import scheme_mixers
-from ..patch import find_mlps
+from ..patching.patch import find_mlps
 
 # Bump when a reader of the previous version would misread a new checkpoint.
 FORMAT_VERSION = 2  # 2: unfused mixers carry their annealing clock (cca_step); the CCA schedule options
@@ -75,7 +75,7 @@ class CheckpointSpec:
                 f"{where} has no integer 'format_version' (got {version!r}); it was not written by "
                 "timm_scheme.save_pretrained")
         if version > FORMAT_VERSION:
-            from .. import __version__
+            from ..version import __version__
             raise CheckpointFormatError(
                 f"{where}: format_version {version} is newer than this timm-scheme ({__version__}) can read "
                 f"(up to {FORMAT_VERSION}); upgrade it: pip install -U timm-scheme")

@@ -79,7 +79,7 @@ def push_folder_to_hub(
 
 
 def _api(token: Optional[str]) -> HfApi:
-    from .. import __version__
+    from ..version import __version__
     return HfApi(token=token, library_name="timm-scheme", library_version=__version__)
 
 
@@ -156,7 +156,7 @@ def _check_config(path: Path, model_name: str) -> None:
 def download(repo_id: str, filename: str, *, revision: Optional[str] = None,
              cache_dir: Optional[Union[str, os.PathLike]] = None, token: Optional[str] = None) -> Path:
     """``hf_hub_download`` with errors that name the repository, the file and what would work."""
-    from .. import __version__
+    from ..version import __version__
 
     where = f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
     try:

@@ -67,7 +67,7 @@ def save_pretrained(
             f"{type(model).__name__} has no pretrained_cfg; build the model with timm.create_model(...) so its "
             "architecture and data config can be recorded")
     target = Path(save_directory).expanduser().absolute()
-    from .. import __version__
+    from ..version import __version__
 
     with _atomic_folder(target, overwrite) as staging:
         write_safetensors(model.state_dict(), staging / WEIGHTS_NAME, metadata={

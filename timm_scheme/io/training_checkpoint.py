@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import SchemeConfig
 from ..mixers import is_patched, scheme_mixers
-from ..patch import FilterFn, find_mlps, patch_structure
+from ..patching.patch import FilterFn, find_mlps, patch_structure
 from .weights import _abbreviate, check_state_dict, read_training_checkpoint
 
 # what timm's train script records of its preprocessing, carried into an exported pretrained_cfg

@@ -1,10 +1,12 @@
-"""Kernels of the SCHEME layers, as functions of their weights; ``dispatch`` decides which one runs."""
+"""Kernels of the SCHEME layers as functions of their weights (block-diagonal projections, the whole BD-MLP, CCA,
+int8 on demand in ``int8``); ``dispatch`` decides which one runs."""
 from . import dispatch
 from .block_diagonal import (
-    MIN_TILE_TOKENS, TILE_BYTES_PER_THREAD, PerGroupBlockDiagonalMlp, TiledBlockDiagonalMlp, block_diagonal_conv1x1,
-    block_diagonal_linear, block_diagonal_mlp, block_diagonal_mlp_nchw, conv1x1_grouped, linear_batched,
-    linear_grouped_mm, linear_into_slices, linear_per_group, mlp_batched, mlp_grouped_mm, mlp_per_group,
-    mlp_tiles_forward, shuffle_channels)
+    block_diagonal_conv1x1, block_diagonal_linear, conv1x1_grouped, linear_batched, linear_grouped_mm,
+    linear_into_slices, linear_per_group, shuffle_channels)
+from .mlp import (
+    MIN_TILE_TOKENS, TILE_BYTES_PER_THREAD, PerGroupBlockDiagonalMlp, TiledBlockDiagonalMlp, block_diagonal_mlp,
+    block_diagonal_mlp_nchw, mlp_batched, mlp_grouped_mm, mlp_per_group, mlp_tiles_forward)
 from .cca import (
     CCA_FORMS, CovarianceAttention, apply_channel_attention, cca_branch, cca_branch_plain, channel_attention,
     covariance_attention, covariance_attention_plain)

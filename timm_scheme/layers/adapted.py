@@ -11,7 +11,8 @@ from ..kernels import block_diagonal_mlp, block_diagonal_mlp_nchw
 from ..kernels.dispatch import is_elementwise, tracing
 from ..schedule import CcaSchedule
 from .block_diagonal import BlockDiagonalConv1x1
-from .mlp import SchemeMlp, act_on_scratch, check_mixing, scale_affine_
+from .mixing import check_mixing
+from .mlp import SchemeMlp, act_on_scratch, scale_affine_
 
 
 class AdaptedSchemeMlp(SchemeMlp):

@@ -26,7 +26,7 @@ from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cf
 from timm.models.metaformer import Attention, MetaFormer, Pooling
 
 from ..config import SchemeConfig
-from ..patch import scheme_patch
+from ..patching.patch import scheme_patch
 
 __all__ = ["SchemeFormer"]
 

@@ -12,8 +12,8 @@ from timm.data.random_erasing import RandomErasing
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from ..data import load_digits_tensors
-from ..distributed import Processes
+from .digits import load_digits_tensors
+from .distributed import Processes
 
 
 class Data:

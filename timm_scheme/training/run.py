@@ -29,11 +29,11 @@ from torch import nn
 
 from ..config import SchemeConfig
 from ..diagnostics import cca_diagnostics, summarize
-from ..distributed import Processes, check_ranks_agree, end_processes, replicate, start_processes
+from .distributed import Processes, check_ranks_agree, end_processes, replicate, start_processes
 from ..fuse import FuseVerificationError, fuse_for_inference
 from ..io import CheckpointFormatError, read_training_checkpoint, save_pretrained
 from ..mixers import cca_in_eval, cca_weights, is_patched, scheme_mixers
-from ..patch import scheme_patch
+from ..patching.patch import scheme_patch
 from ..stats import count_macs, count_params
 from .data import Data, load_data, mixup_from
 from .loop import evaluate, train_one_epoch

@@ -10,13 +10,13 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
-from .config import SchemeConfig
-from .convert import CalibrationData, InitReport, init_from_dense
-from .convert_adapted import init_adapted_from_dense
-from .host_init import draw_layer_like
-from .layers import SchemeMlp
-from .mixers import is_patched
+from ..config import SchemeConfig
+from ..conversion.adapted import init_adapted_from_dense
+from ..conversion.convert import CalibrationData, InitReport, init_from_dense
+from ..layers import SchemeMlp
+from ..mixers import is_patched
 from .adapters import AdaptedLayout, adapter_for, build_adapted, mlp_adapters, read_adapted
+from .host_init import draw_layer_like
 from .timm_mlps import SUPPORTED_MLP_TYPES, MlpLayout, is_timm_mlp, read_mlp
 
 _logger = logging.getLogger(__name__)
@@ -136,8 +136,8 @@ def _check_adapted_options(specs: list, config: SchemeConfig) -> None:
 
 def _init_from_dense(model: nn.Module, plans: list, replacements: list, config: SchemeConfig,
                      calibration_data: Optional[CalibrationData]) -> InitReport:
-    """timm's MLPs through ``convert.init_from_dense`` (calibrated when given images), adapted ones through
-    ``convert_adapted`` (weight energy)."""
+    """timm's MLPs through ``conversion.init_from_dense`` (calibrated when given images), adapted ones through
+    ``conversion.init_adapted_from_dense`` (weight energy)."""
     specs = {spec.name: spec for spec, _ in plans}
     timm_layers = [(name, specs[name].module, new) for name, new in replacements
                    if not isinstance(specs[name], AdaptedLayout)]

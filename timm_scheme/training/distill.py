@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixers import scheme_mixers
+from ..mixers import scheme_mixers
 
 
 class Distiller(nn.Module):

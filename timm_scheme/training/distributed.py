@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .mixers import scheme_mixers
+from ..mixers import scheme_mixers
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .config import SchemeConfig
+from ..config import SchemeConfig
 from .host_init import draw_layer_like, draw_like
-from .layers import AdaptedSchemeMlp, BlockDiagonalConv1x1, BlockDiagonalLinear
-from .layers.adapted import adapted_mixer_class
+from ..layers import AdaptedSchemeMlp, BlockDiagonalConv1x1, BlockDiagonalLinear
+from ..layers.adapted import adapted_mixer_class
+from .timm_mlps import SUPPORTED_MLP_TYPES
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,6 @@ def register_mlp_adapter(mlp_class: Type[nn.Module], adapter: Optional[MlpAdapte
     if not adapter.fc1_paths or not all(isinstance(p, str) and p for p in (*adapter.fc1_paths, adapter.fc2)):
         raise ValueError(f"register_mlp_adapter({mlp_class.__name__}): fc1 and fc2 must be attribute paths "
                          f"(got fc1={adapter.fc1!r}, fc2={adapter.fc2!r})")
-    from .timm_mlps import SUPPORTED_MLP_TYPES
     if mlp_class in SUPPORTED_MLP_TYPES:
         raise ValueError(f"register_mlp_adapter: {mlp_class.__name__} is timm's own MLP class, which scheme_patch "
                          "rebuilds itself (with its fast kernels); no adapter needed")

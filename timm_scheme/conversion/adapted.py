@@ -1,5 +1,5 @@
 """``init="dense"`` for MLP classes read through an adapter: the dense projections' hidden units assigned to
-groups by the same exact assignment as timm's MLPs (``convert.assign_units`` on ``convert.energy_scores``),
+groups by the same exact assignment as timm's MLPs (``units.assign_units`` on ``units.energy_scores``),
 their blocks copied, and every per-unit layer between the projections (norms, depthwise convs) following its
 units. Knows adapted layouts and ``AdaptedSchemeMlp``; nothing about files.
 """
@@ -10,10 +10,11 @@ from typing import List
 import torch
 from torch import nn
 
-from .adapters import AdaptedLayout, optional_submodule
-from .convert import (DenseMlpWeights, LayerInit, assign_units, check_convertible, diagonal_units, energy_scores,
-                      matrix, original_unit_slots, total_score)
-from .layers import AdaptedSchemeMlp
+from ..layers import AdaptedSchemeMlp
+from ..patching.adapters import AdaptedLayout, optional_submodule
+from .report import LayerInit
+from .units import (DenseMlpWeights, assign_units, check_convertible, diagonal_units, energy_scores, matrix,
+                    original_unit_slots, total_score)
 
 
 def adapted_dense_weights(spec: AdaptedLayout) -> DenseMlpWeights:

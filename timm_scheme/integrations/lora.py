@@ -25,7 +25,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from .layers import BlockDiagonalConv1x1, BlockDiagonalLinear
+from ..layers import BlockDiagonalConv1x1, BlockDiagonalLinear
 
 BLOCK_DIAGONAL_TYPES = (BlockDiagonalLinear, BlockDiagonalConv1x1)
 
