@@ -9,7 +9,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from .kernels.cca import other_groups_mask
+from .kernels.cca import same_group_mask
 from .mixers import cca_in_eval, scheme_mixers
 from .modes import eval_mode
 
@@ -54,7 +54,7 @@ def mixer_diagnostics(mixer: nn.Module, x: torch.Tensor) -> CcaDiagnostics:
     branch = mixer.cca(x, y)
     cca_rms, block_rms = weight * _rms(branch), alpha * _rms(y)
     attn = mixer.cca.attention(x).double()                                   # (B, C, C), rows sum to 1
-    same = other_groups_mask(attn.shape[-1], mixer.groups, attn.device)
+    same = same_group_mask(attn.shape[-1], mixer.groups, attn.device)
     cross = float(attn.masked_fill(same, 0.0).sum(-1).mean())
     entropy = -(attn * attn.clamp_min(1e-300).log()).sum(-1)
     total = cca_rms + block_rms

@@ -107,7 +107,7 @@ def _channels_first(t: torch.Tensor, channels_last: bool, dtype: torch.dtype) ->
     return t.reshape(t.shape[0], t.shape[1], -1).to(dtype)
 
 
-def other_groups_mask(channels: int, groups: int, device: torch.device) -> torch.Tensor:
+def same_group_mask(channels: int, groups: int, device: torch.device) -> torch.Tensor:
     """(C, C) True where two channels fall in the same one of ``groups`` contiguous groups."""
     group_of = torch.div(torch.arange(channels, device=device), channels // groups, rounding_mode="floor")
     return group_of[:, None] == group_of[None, :]
@@ -128,7 +128,7 @@ def channel_attention(x: torch.Tensor, form: str, scale: float, normalize: bool,
         logits = torch.bmm(keys, keys.transpose(1, 2))
     logits = logits * scale
     if form == "output_cross":
-        logits = logits.masked_fill(other_groups_mask(logits.shape[-1], groups, logits.device), float("-inf"))
+        logits = logits.masked_fill(same_group_mask(logits.shape[-1], groups, logits.device), float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
