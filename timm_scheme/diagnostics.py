@@ -37,10 +37,6 @@ class CcaDiagnostics:
     cross_group_mass: float
     effective_channels: float
 
-    def describe(self) -> str:
-        return (f"CCA weight {self.cca_weight:.3f}, share of the output {self.cca_share:.3f}, cross-group mass "
-                f"{self.cross_group_mass:.3f}, effective channels {self.effective_channels:.1f}")
-
 
 def _rms(t: torch.Tensor) -> float:
     return float(t.double().pow(2).mean().sqrt())
