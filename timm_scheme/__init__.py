@@ -18,6 +18,7 @@ from .patching import timm_adapters  # registers the adapters of timm's families
 from . import models  # registers the SCHEMEformer family in timm's model registry
 from . import fx  # timm's FX tracing calls the SCHEME modules as leaves: FX computes what eager does
 from .io import export_onnx, export_torchscript, from_pretrained, push_to_hub, save_pretrained  # also registers the checkpoint architecture
+from .stats import count_macs
 
 # optional integrations, imported on demand: timm_scheme.integrations.lora (PEFT), timm_scheme.integrations.quantize
 # (int8: torch.ao, torchao)
@@ -27,5 +28,5 @@ __all__ = [
     "FuseReport", "FuseVerificationError", "cca_weights", "set_cca_limit", "cca_anneal_limit", "cca_in_eval",
     "scheme_mixers", "SchemeMlp", "AdaptedSchemeMlp", "MlpAdapter", "register_mlp_adapter", "unregister_mlp_adapter",
     "mlp_adapters", "BlockDiagonalLinear", "BlockDiagonalConv1x1", "ChannelCovarianceAttention",
-    "save_pretrained", "push_to_hub", "from_pretrained", "export_onnx", "export_torchscript",
+    "save_pretrained", "push_to_hub", "from_pretrained", "export_onnx", "export_torchscript", "count_macs",
 ]

@@ -12,8 +12,9 @@ def load_digits_tensors(img_size: int = 32, in_chans: int = 3, test_fraction: fl
     """(x_train, y_train, x_test, y_test): images upsampled to img_size, standardised, a fixed split."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError as err:  # a dev extra, not a runtime dependency
-        raise ImportError("the digits data needs scikit-learn: pip install 'timm-scheme[dev]'") from err
+    except ImportError as err:  # a dependency: missing only from a broken or partial install
+        raise ImportError("the digits data needs scikit-learn, a dependency of timm-scheme that is missing here; "
+                          "reinstall: pip install timm-scheme") from err
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
