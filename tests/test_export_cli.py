@@ -112,7 +112,8 @@ def test_export_a_timm_training_checkpoint(run_dir, tmp_path, capsys):
 
 
 def test_export_with_flags_from_a_bare_state_dict(run_dir, tmp_path, capsys):
-    """The issue's command line, on a checkpoint that records nothing but tensors."""
+    """The command line for a bare state dict (--model and the SCHEME flags name the architecture), on a checkpoint
+    that records nothing but tensors."""
     trained = reference(run_dir / "model_best.pth.tar")
     bare = tmp_path / "weights.pth"
     torch.save(trained.state_dict(), bare)

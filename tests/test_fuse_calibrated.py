@@ -105,7 +105,11 @@ def test_calibration_brings_a_model_trained_without_annealing_closer_to_what_it_
 
 def test_calibration_data_that_does_not_fit_says_so():
     model = nn.Sequential(mixer(0))
-    with pytest.raises(ValueError, match="calibration_data"):
-        fuse_for_inference(model, calibration_data="images")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="calibration_data: a batch is a str, expected a tensor of images"):
+        fuse_for_inference(model, calibration_data="images")  # iterable: its batches are one-letter strings
+    with pytest.raises(ValueError, match="calibration_data: expected a tensor of images or an iterable of batches "
+                                         r"\(tensors or \(images, targets\) pairs\), got int"):
+        fuse_for_inference(model, calibration_data=64)
+    with pytest.raises(ValueError, match=r"calibration_data: a batch of shape \(2, 5, 7\) does not run through "
+                                         "Sequential: "):
         fuse_for_inference(nn.Sequential(mixer(0)), calibration_data=torch.randn(2, 5, 7))  # 7 channels, not 16

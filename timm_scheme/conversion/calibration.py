@@ -150,6 +150,9 @@ def layer_io_tokens(model: nn.Module, name: str, batch: torch.Tensor) -> Tuple[t
         model(batch.to(next(model.parameters()).device))
     except _Reached:
         pass
+    except Exception as error:  # noqa: BLE001 - re-raised with what the user passed
+        raise ValueError(f"calibration_data: a batch of shape {tuple(batch.shape)} does not run through "
+                         f"{type(model).__name__}: {error}") from error
     finally:
         handle.remove()
     if not captured:
