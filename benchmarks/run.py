@@ -2,6 +2,9 @@
 
     python -m benchmarks.run --quick      # CI smoke run, under 2 minutes on 2 CPU cores
     python -m benchmarks.run              # full run (about 10-15 minutes on 2 CPU cores)
+
+Written: <out>.md and <out>.json (the tables), and <out>.png, the speed-ups as a chart (benchmarks/plot.py, which
+also draws it from a results file written earlier: python -m benchmarks.plot benchmarks/results/NAME.md).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "benchmarks"
 
-from benchmarks import cases  # noqa: E402
+from benchmarks import cases, plot  # noqa: E402
 from benchmarks.harness import Settings, load_average, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,7 +95,21 @@ def main(argv=None) -> int:
     _write(out, header, tables, footer, info, args, settings, elapsed, started)
     if out:
         print(f"wrote {out}.md and {out}.json")
+        _chart(out)
     return 0
+
+
+def _chart(out: str) -> None:
+    """The speed-ups of the run just written as a chart, <out>.png (said why not, where it cannot be drawn)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"matplotlib is not installed: no chart written to {out}.png")
+        return
+    try:
+        print(f"wrote {plot.plot_speedups(json.loads(Path(out + '.json').read_text()), Path(out + '.png'))}")
+    except ValueError as error:  # e.g. only sections without a ratio to the reference were run
+        print(f"no chart written to {out}.png: {error}")
 
 
 def _write(out, header, tables, footer, info, args, settings, elapsed, started) -> None:

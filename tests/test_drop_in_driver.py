@@ -250,3 +250,61 @@ def test_a_stopped_training_is_trained_again_in_a_clean_folder(tmp_path):
     assert summary.count("epoch,") == 1 and "10.0" not in summary
     assert "trained again from the start" in (stopped.parent / "log.txt").read_text()
     assert json.loads((stopped.parent / "record.json").read_text()) == record
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plot_of_made_up_runs_is_a_png_with_each_variants_mlp_cost(tmp_path):
+    pytest.importorskip("matplotlib")
+    run_timm_train = driver()
+    records = [record("vit", "dense", 1, 97.0), record("vit", "dense", 2, 96.0),
+               dict(record("vit", "scheme", 1, 98.0), options={"groups": 4, "expansion": 8}),
+               dict(record("vit", "scheme", 2, 98.0), options={"groups": 4, "expansion": 8}),
+               dict(record("vit", "scheme_g2", 1, 97.5), options={"groups": 2, "expansion": 8}),
+               dict(record("vit", "scheme_lr_sqrt", 1, 97.2),  # a retired option: no bearing on the cost
+                    options={"groups": 4, "expansion": 8, "block_lr_power": 0.5})]
+    # the MLP MACs and parameters of the deployed model relative to dense: g=4, E=8 halves both (up to fc1's
+    # wider bias), g=2, E=8 is dense's cost
+    assert run_timm_train.mlp_cost(records[0]) == (1.0, 1.0)
+    macs, params = run_timm_train.mlp_cost(records[2])
+    assert macs == 0.5 and params == pytest.approx(0.5, abs=0.01)
+    assert run_timm_train.mlp_cost(records[4])[0] == 1.0
+    assert run_timm_train.mlp_cost(records[5]) == (macs, params)
+    assert run_timm_train.mlp_cost(record("vit", "scheme", 3, 90.0))[0] == 0.5  # no options: the variant's
+    path = run_timm_train.plot_accuracy_vs_cost(records, tmp_path / "results.png")
+    assert path == tmp_path / "results.png"
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+    with pytest.raises(ValueError, match="no runs to plot: the records are empty"):
+        run_timm_train.plot_accuracy_vs_cost([], tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()
+
+
+def test_summarise_only_tabulates_and_plots_a_results_file_without_training(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run_timm_train = driver()
+    records = [record("vit", "dense", 1, 97.0), dict(record("vit", "scheme", 1, 98.0), machine="machine A"),
+               dict(record("vit", "scheme", 2, 96.0), options={"groups": 4, "expansion": 8})]
+    run_timm_train.summarise(records, tmp_path, "machine A", stem="sweep")
+    table = (tmp_path / "sweep.md").read_text()
+    results = tmp_path / "sweep.json"
+    (tmp_path / "sweep.md").unlink()
+    run_timm_train.main(["--summarise-only", str(results), "--machine", "machine A"])
+    assert (tmp_path / "sweep.md").read_text() == table  # the table the sweep wrote
+    assert json.loads(results.read_text()) == records
+    assert (tmp_path / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
+    (tmp_path / "sweep.png").unlink()
+    (tmp_path / "sweep.md").write_text("an earlier table\n")
+    run_timm_train.main(["--summarise-only", str(results), "--plot-only"])
+    assert (tmp_path / "sweep.md").read_text() == "an earlier table\n"  # left as it is
+    assert (tmp_path / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
+    capsys.readouterr()
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(SystemExit):
+        run_timm_train.main(["--summarise-only", str(tmp_path / "empty.json")])
+    assert f"--summarise-only {tmp_path / 'empty.json'} holds no runs" in capsys.readouterr().err
+    assert not (tmp_path / "empty.md").exists() and not (tmp_path / "empty.png").exists()
+    with pytest.raises(SystemExit):
+        run_timm_train.main(["--out", str(tmp_path / "out")])  # neither a timm checkout nor results to tabulate
+    assert "--timm-dir (or --summarise-only)" in capsys.readouterr().err

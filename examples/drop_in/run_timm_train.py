@@ -10,31 +10,43 @@ image folder:
 
     python examples/drop_in/run_timm_train.py --timm-dir ~/src/pytorch-image-models --out out/drop_in --jobs 2
 
-Results: ``<out>/results.json`` (every run) and ``<out>/results.md`` (mean and per seed). Finished runs are
-kept, so an interrupted sweep continues where it stopped (a run whose training had finished is not trained again;
-one stopped mid-training is trained again from the start, in a clean folder).
+Results: ``<out>/results.json`` (every run), ``<out>/results.md`` (mean and per seed) and ``<out>/results.png``
+(top-1 against the MLP cost, per family). Finished runs are kept, so an interrupted sweep continues where it stopped
+(a run whose training had finished is not trained again; one stopped mid-training is trained again from the start, in
+a clean folder).
+
+The table and the plot of results files kept from earlier sweeps, without training (each written next to its file,
+``.md`` and ``.png`` of the same name; ``--machine`` names where the runs that record none ran):
+
+    python examples/drop_in/run_timm_train.py --summarise-only examples/results/drop_in_60_epochs.json --machine "..."
+
+(``--plot-only`` as well: the plot alone, the table left as it is.)
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import csv
+import functools
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 IMG_SIZE, BATCH, TRAIN_FRACTION = 32, 32, 0.75
 
-# recipe A of the drop-in issue (AdamW 5e-4, 2 warm-up epochs, cosine, clip 1.0, batch 32), with the augmentation
+# the recipe every run here shares (AdamW 5e-4, 2 warm-up epochs, cosine, clip 1.0, batch 32), with the augmentation
 # digits allow: no horizontal flip, crops of at least half the image (train.py's defaults, flips and 8% crops,
 # left the dense ViT at 48% after 12 epochs)
 RECIPE = ["--device", "cpu", "--workers", "1", "--no-prefetcher", "--num-classes", "10", "--input-size", "3", "32",
@@ -94,6 +106,12 @@ VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
 }
 # variants of options since removed (they measured no gain): their earlier results still join the tables (--earlier)
 RETIRED_VARIANTS = ("scheme_lr_sqrt", "scheme_lr_fan_in", "scheme_mult_sqrt")
+# the families' names in the plot
+FAMILY_LABELS = {"vit": "ViT (DeiT-Tiny, depth 4)", "swin": "Swin (2 stages)", "metaformer": "CAFormer-S18",
+                 "swin_no_drop_path": "Swin without stochastic depth"}
+# the scheme_patch options that shape the deployed MLP, what its cost depends on (the CCA branch is fused away; the
+# other options act on training only)
+COST_OPTIONS = ("groups", "expansion", "channel_shuffle", "skip_unfit")
 
 
 def make_digits(root: Path) -> int:
@@ -334,8 +352,12 @@ def with_earlier(records: List[Dict[str, Any]], earlier: List[Path]) -> List[Dic
     return list(merged.values())
 
 
-def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
-    (out / "results.json").write_text(json.dumps(records, indent=2))
+def summarise(records: List[Dict[str, Any]], out: Path, machine: str, stem: str = "results",
+              write_records: bool = True) -> None:
+    """The results table, ``<out>/<stem>.md`` (and the runs, ``<out>/<stem>.json``, unless ``write_records`` is
+    False: when they were read from there)."""
+    if write_records:
+        (out / f"{stem}.json").write_text(json.dumps(records, indent=2))
     where = where_run(records, machine)
     columns = [("train_py_top1", "train.py eval (deployed function)"),
                ("trained_function", "trained function (CCA applied)"),
@@ -358,13 +380,162 @@ def summarise(records: List[Dict[str, Any]], out: Path, machine: str) -> None:
         cells.append(paired_gap(rows, of("dense"), machine))
         cells.append(paired_gap(rows, of("scheme"), machine, "the bare line") if variant != "dense" else "-")
         lines.append(f"| {family} | {variant} | " + " | ".join(cells) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def family_model(family: str):
+    """The family's dense model as train.py builds it from the driver's ``--model`` and ``--model-kwargs`` (values
+    read as train.py reads them), for digits' 10 classes."""
+    import timm
+
+    args = FAMILIES[family]
+    kwargs: Dict[str, Any] = {}
+    if "--model-kwargs" in args:
+        for item in args[args.index("--model-kwargs") + 1:]:
+            if item.startswith("--"):
+                break
+            key, value = item.split("=", 1)
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+    return timm.create_model(args[args.index("--model") + 1], num_classes=10, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_mlp_cost(family: str) -> Tuple[Any, Tuple[str, ...], int, int, int]:
+    """The family's dense model, its MLPs' names, the MACs of everything but the MLPs, and the MLPs' MACs and
+    parameters."""
+    from torch import nn
+
+    import timm_scheme
+    from timm_scheme.stats import count_macs, count_mlp_params
+
+    model = family_model(family).eval()
+    names = tuple(name for name, _ in timm_scheme.find_mlps(model))
+    without_mlps = copy.deepcopy(model)
+    for name in names:
+        without_mlps.set_submodule(name, nn.Identity())
+    rest = count_macs(without_mlps, (3, IMG_SIZE, IMG_SIZE))
+    return model, names, rest, count_macs(model, (3, IMG_SIZE, IMG_SIZE)) - rest, count_mlp_params(model, names)
+
+
+@functools.lru_cache(maxsize=None)
+def _mlp_cost(family: str, options_json: str, only: Optional[str]) -> Tuple[float, float]:
+    import timm_scheme
+    from timm_scheme.stats import count_macs, count_mlp_params
+
+    model, names, rest, dense_macs, dense_params = _dense_mlp_cost(family)
+    options = json.loads(options_json)
+    if options is None:
+        return 1.0, 1.0
+    shape = {k: v for k, v in options.items() if k in COST_OPTIONS}
+    if only is not None:
+        shape["filter_fn"] = lambda module, name: name.startswith(only)
+    patched = timm_scheme.scheme_patch(copy.deepcopy(model), **shape).eval()
+    macs = count_macs(patched, (3, IMG_SIZE, IMG_SIZE)) - rest  # the rest of the model is left as it was
+    return macs / dense_macs, count_mlp_params(patched, names) / dense_params
+
+
+def mlp_cost(record: Dict[str, Any]) -> Tuple[float, float]:
+    """The MLP MACs per image (at the driver's 32 px) and the MLP parameters of a run's deployed model (its CCA
+    branch fused away), each relative to the family's dense model: counted with ``timm_scheme.stats`` on the
+    family's model as the driver configures it, patched with the run's options (the variant's, where a record
+    holds none)."""
+    options = record.get("options")
+    if options is None and record["variant"] != "dense":
+        options = dict(VARIANTS.get(record["variant"]) or {})
+        only = options.pop("only", None)
+    else:
+        only = record.get("patched_only")
+    return _mlp_cost(record["family"], json.dumps(options, sort_keys=True), only)
+
+
+def plot_accuracy_vs_cost(records: List[Dict[str, Any]], path: Path) -> Path:
+    """Per family, train.py's top-1 of each variant (mean over seeds, each seed a dot) against its MLP MACs per
+    image relative to dense (``mlp_cost``), written to ``path`` (a PNG). Variants of equal cost stand side by side
+    around it; a dashed line marks dense's mean."""
+    families = [f for f in FAMILIES if any(r["family"] == f for r in records)]
+    if not families:
+        raise ValueError("no runs to plot: the records are empty" if not records else
+                         f"no runs of a known family to plot (families {sorted({r['family'] for r in records})}, "
+                         f"expected some of {list(FAMILIES)})")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    order = [*VARIANTS, *RETIRED_VARIANTS]
+    variants = sorted({r["variant"] for r in records}, key=lambda v: (order.index(v) if v in order else len(order), v))
+    palette = plt.get_cmap("tab20").colors
+    others = [v for v in variants if v != "dense"]
+    style = {v: dict(color=palette[(2 * i) % 20 if len(others) <= 10 else i % 20], marker="osD^v<>ph*"[i % 10])
+             for i, v in enumerate(others)}
+    style["dense"] = dict(color="black", marker="s")
+    epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in records}))
+    fig, axes = plt.subplots(1, len(families), figsize=(max(4.4 * len(families), 5.6), 4.6), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        runs = [r for r in records if r["family"] == family]
+        present = [v for v in variants if any(r["variant"] == v for r in runs)]
+        cost = {v: mlp_cost(next(r for r in runs if r["variant"] == v))[0] for v in present}
+        at_cost: Dict[float, List[str]] = {}
+        for v in present:
+            at_cost.setdefault(round(cost[v], 3), []).append(v)
+        for x, side_by_side in at_cost.items():
+            step = min(0.03, 0.2 / max(len(side_by_side) - 1, 1))
+            for i, v in enumerate(side_by_side):
+                offset = (i - (len(side_by_side) - 1) / 2) * step
+                top1 = [r["train_py_top1"] for r in sorted(runs, key=lambda r: r["seed"]) if r["variant"] == v]
+                spread = [0.35 * step * (2 * j / (len(top1) - 1) - 1) if len(top1) > 1 else 0.0
+                          for j in range(len(top1))]  # seeds of equal top-1 side by side, not on one another
+                ax.scatter([x + offset + d for d in spread], top1, s=14, facecolors="none",
+                           edgecolors=style[v]["color"], linewidths=0.8, alpha=0.8, zorder=4)  # over the mean
+                ax.scatter([x + offset], [statistics.mean(top1)], s=60, color=style[v]["color"],
+                           marker=style[v]["marker"], edgecolors="black", linewidths=0.6, zorder=3)
+        if "dense" in present:
+            ax.axhline(statistics.mean(r["train_py_top1"] for r in runs if r["variant"] == "dense"), color="grey",
+                       linestyle="--", linewidth=0.8, zorder=1)
+        ticks = sorted(at_cost)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xlim(min(ticks) - 0.2, max(ticks) + 0.2)
+        ax.set_title(FAMILY_LABELS.get(family, family), fontsize=10)
+        ax.set_xlabel("MLP MACs per image, relative to dense")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("train.py validation top-1 (%)")
+    handles = [Line2D([], [], linestyle="none", markeredgecolor="black", markersize=7,
+                      markerfacecolor=style[v]["color"], marker=style[v]["marker"], label=v) for v in variants]
+    handles.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="grey",
+                          markersize=4, label="one seed"))
+    columns = min(len(handles), max(2, int(fig.get_figwidth() / 2.8)))  # room for the longest variant names
+    rows = -(-len(handles) // columns)
+    legend_height = 0.2 * rows + 0.25  # inches
+    fig.set_size_inches(fig.get_figwidth(), 4.6 + legend_height)
+    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.suptitle(textwrap.fill(f"Digits, {epochs} epochs, timm's train.py: top-1 against the deployed MLPs' cost "
+                               "(mean of seeds; dashed: dense)", int(fig.get_figwidth() * 10)), fontsize=11)
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(records: List[Dict[str, Any]], out: Path, machine: str, stem: str = "results",
+           write_records: bool = True) -> None:
+    """The results table (``summarise``) and, next to it, the plot (``plot_accuracy_vs_cost``; left out, saying
+    why, where matplotlib is not installed)."""
+    summarise(records, out, machine, stem, write_records)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {out / f'{stem}.png'}")
+        return
+    print(f"wrote {plot_accuracy_vs_cost(records, out / f'{stem}.png')}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timm-dir", type=Path, required=True, help="timm checkout holding train.py and validate.py")
+    parser.add_argument("--timm-dir", type=Path, help="timm checkout holding train.py and validate.py")
     parser.add_argument("--out", type=Path, default=Path("out/drop_in"))
     parser.add_argument("--families", nargs="+", default=list(FAMILIES)[:3], choices=list(FAMILIES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:5], choices=list(VARIANTS))
@@ -375,7 +546,30 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--earlier", nargs="*", type=Path, default=[],
                         help="results.json of earlier sweeps whose run folders are gone (e.g. on another machine): "
                              "their runs join the table unless this sweep has them")
+    parser.add_argument("--summarise-only", nargs="+", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="train nothing: write the table and the plot of each results file (e.g. "
+                             "examples/results/drop_in_60_epochs.json) next to it, as <name>.md and <name>.png")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="with --summarise-only: the plot alone, a table already there left as it is")
     args = parser.parse_args(argv)
+    if args.plot_only and args.summarise_only is None:
+        parser.error("--plot-only goes with --summarise-only RESULTS_JSON")
+    if args.summarise_only is not None:
+        runs = {}
+        for path in args.summarise_only:
+            if not path.is_file():
+                parser.error(f"--summarise-only {path} is not a file; give a results .json a sweep wrote")
+            runs[path] = json.loads(path.read_text())
+            if not runs[path]:
+                parser.error(f"--summarise-only {path} holds no runs: nothing to tabulate or plot")
+        for path, records in runs.items():
+            if args.plot_only:
+                print(f"wrote {plot_accuracy_vs_cost(records, path.with_suffix('.png'))}")
+            else:
+                report(records, path.parent, args.machine, path.stem, write_records=False)
+        return
+    if args.timm_dir is None:
+        parser.error("the following arguments are required: --timm-dir (or --summarise-only)")
     for script in ("train.py", "validate.py"):
         if not (args.timm_dir / script).is_file():
             parser.error(f"--timm-dir {args.timm_dir} has no {script}; point it at a checkout of timm's repository")
@@ -390,7 +584,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         records = list(pool.map(lambda job: one_run(args, *job, steps, data), jobs))
     every = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("*/record.json"))]
-    summarise(with_earlier(every, args.earlier), args.out, args.machine)
+    report(with_earlier(every, args.earlier), args.out, args.machine)
 
 
 if __name__ == "__main__":
