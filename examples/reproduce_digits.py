@@ -215,7 +215,8 @@ def markdown_table(data: Dict[str, Any]) -> str:
         f"Digits (scikit-learn, {b['train_images']} train / {b['test_images']} test images, 16x16), ViT "
         f"embed 64, depth 4, 4x4 patches; {b['epochs']} epochs each, seeds {b['seeds']}. "
         f"Measured {m['date']} on {m['cpu']} ({m['cpu_count']} cores, shared), torch {m['torch']}, "
-        f"timm {m['timm']}; {m['wall_time_s'] / 60:.0f} min wall for all runs.",
+        f"timm {m['timm']}; {m['wall_time_s'] / 60:.0f} min wall for all runs, {m['jobs']} at a time, one thread "
+        "each.",
         "",
         "| config | top-1 % (mean ± std) | params | MACs / image | final 1 - alpha | what |",
         "|---|---|---|---|---|---|",
@@ -230,18 +231,32 @@ def markdown_table(data: Dict[str, Any]) -> str:
 
 
 def plot_accuracy_vs_macs(data: Dict[str, Any], path: Path) -> None:
+    """One point per row (mean ± std over seeds), named in a legend beside the axes: rows that share a MAC count
+    (every BD-MLP deployment) are drawn a few points apart horizontally, so neither points nor names overlap."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in summarise(data):
-        ax.errorbar(r["macs"] / 1e6, r["top1_mean"], yerr=r["top1_std"], fmt="o", capsize=4, label=r["config"])
-        ax.annotate(r["config"], (r["macs"] / 1e6, r["top1_mean"]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
-    ax.set_xlabel("MACs per image (millions)")
+    from matplotlib.transforms import offset_copy
+    rows = summarise(data)
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    markers = "osD^vP*X"
+    for i, r in enumerate(rows):
+        same = [q["config"] for q in rows if q["macs"] == r["macs"]]
+        dodge = (same.index(r["config"]) - (len(same) - 1) / 2) * 9  # points, on screen only
+        ax.errorbar(r["macs"] / 1e6, r["top1_mean"], yerr=r["top1_std"], fmt=markers[i % len(markers)], capsize=4,
+                    color=f"C{i}", label=f"{r['config']}: {r['top1_mean']:.1f} ± {r['top1_std']:.1f}",
+                    transform=offset_copy(ax.transData, fig=fig, x=dodge, y=0, units="points"))
+        # the offset transform keeps the artists out of autoscaling: give the axes their data extent
+        ax.update_datalim([(r["macs"] / 1e6, r["top1_mean"] - r["top1_std"]),
+                           (r["macs"] / 1e6, r["top1_mean"] + r["top1_std"])])
+    ax.set_xlabel("MACs per image (millions; rows with equal MACs drawn side by side)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("digits: accuracy vs MACs (mean ± std over seeds)")
+    ax.set_title("digits: accuracy vs MACs (mean ± std over seeds)", fontsize=10)
+    ax.margins(x=0.08, y=0.08)
+    ax.autoscale_view()
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              title="config: top-1 %", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -265,7 +280,9 @@ def plot_cca_weights(data: Dict[str, Any], path: Path) -> None:
                 learnt = [statistics.mean(r["history"][e]["cca_weights_learnt"][layer] for r in runs)
                           for e in range(len(epochs))]
                 ax.plot(epochs, learnt, color=color, linestyle="--", alpha=0.6)
-        ax.set_ylim(0, 0.6)
+        top = max(max(r["history"][e]["cca_weights"][layer], r["history"][e]["cca_weights_learnt"].get(layer, 0.0))
+                  for r in runs for e in range(len(epochs)) for layer in layers)
+        ax.set_ylim(0, max(0.6, 1.1 * top))
         ax.set_xlabel("epoch")
         ax.set_ylabel("1 - alpha (mean over seeds)")
         title = config + (" (solid: in effect, dashed: learnt)" if config.endswith("anneal") else " (learnt, free)")
