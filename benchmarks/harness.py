@@ -1,12 +1,14 @@
 """Timing harness: interleaved rounds, medians, ratios measured side by side; machine description; tables."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -106,6 +108,18 @@ def machine() -> Dict[str, str]:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
+
+
+def write_results(stem: Path, data: object, text: str) -> None:
+    """``stem.json`` (the data) and ``stem.md`` (its table), each written beside its target and renamed into place,
+    so an interrupted run leaves the previous results whole; prints the table."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, content in ((".json", json.dumps(data, indent=1)), (".md", text)):
+        target = stem.with_suffix(suffix)
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_text(content)
+        os.replace(partial, target)
+    print(text)
 
 
 def load_average() -> Optional[str]:

@@ -135,11 +135,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 # relative error bounds against float32 for (logits, mixer weight and input gradients, mixing-logit gradients).
-# Measured here with the host-following init: bf16 0.5-1.1% / 0.8-1.5% / 2.5-44%, fp16 0.07-0.09% / 0.1-0.2% /
-# 0.3-9%. The mixing logits' gradient is a small difference of large sums (BD-MLP against CCA output), so it keeps
-# few digits in any low-precision dtype; worst in CAFormer's first stage, whose 1e-5 layer scale leaves a
-# gradient that is mostly cancellation (bf16 rounds 8x coarser than fp16). A broken cast or a branch computed in
-# the wrong precision lands far outside the logit and weight bounds.
+# Measured on these models by examples/autocast_error.py (examples/results/autocast_error.md): bf16 0.5-1.1% /
+# 0.6-1.9% / 2.5-43%, fp16 0.07-0.10% / 0.08-0.17% / 0.08-9.5%. The mixing logits' gradient is a small
+# difference of large sums (BD-MLP against CCA output), so it keeps few digits in any low-precision dtype; worst
+# in CAFormer's first stage, whose 1e-5 layer scale leaves a gradient that is mostly cancellation (bf16 rounds 8x
+# coarser than fp16). A broken cast or a branch computed in the wrong precision lands far outside the logit and
+# weight bounds.
 AUTOCAST_TOLERANCE = {torch.bfloat16: (0.03, 0.06, 0.6), torch.float16: (0.005, 0.01, 0.15)}
 
 
