@@ -35,9 +35,9 @@ THREADS = (1, 2)
 FORMS = ("unfused", "fused")
 # blocks kept per stage: every block kind of the architecture, a fraction of the graph to trace
 PATCHED = {"deit_tiny_patch16_224": 2, "swin_tiny_patch4_window7_224": (2, 1, 1, 1), "caformer_s18": 1}
-# every SCHEMEformer; the deeper S24 and S36 in the slow set (CI runs it), as in test_timm_model_checks
-KEYS = [*PATCHED, *(pytest.param(k, marks=pytest.mark.slow) if "_s12_" not in k else k
-                    for k in timm.list_models("schemeformer*"))]
+# the SCHEMEformers at every group count; S24 and S36 repeat S12's modules deeper (test_timm_model_checks runs
+# timm's FX checks on them)
+KEYS = [*PATCHED, *timm.list_models("schemeformer_ppaa_s12*")]
 
 
 def build(key: str) -> nn.Module:
@@ -56,8 +56,7 @@ def fused(model: nn.Module) -> nn.Module:
 
 
 def image_size(key: str) -> int:
-    # SCHEMEformers: the smallest sizes that keep every stage at least 1x1 (S24 and S36 at the 1x1 limit)
-    return ARCHITECTURES[key][1] if key in PATCHED else 64 if "_s12_" in key else 32
+    return ARCHITECTURES[key][1] if key in PATCHED else 64  # SCHEMEformer S12: every stage at least 2x2
 
 
 @contextlib.contextmanager

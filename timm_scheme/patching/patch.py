@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from torch import nn
 
@@ -36,7 +36,7 @@ def scheme_patch(
         *,
         filter_fn: Optional[FilterFn] = None,
         calibration_data: Optional[CalibrationData] = None,
-        **options,
+        **options: Any,
 ) -> nn.Module:
     """Replace every channel-mixer MLP of a timm model with a SCHEME mixer, in place; returns the model.
 
