@@ -136,6 +136,8 @@ def test_the_wheel_installs_into_a_fresh_environment_and_its_demo_passes(tmp_pat
 def test_a_broken_install_without_scikit_learn_says_to_reinstall(monkeypatch):
     from timm_scheme.training.digits import load_digits_tensors
 
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # what an install that lost scikit-learn gives
+    # what an install that lost scikit-learn gives, also after another test imported it
+    for name in [n for n in sys.modules if n == "sklearn" or n.startswith("sklearn.")] or ["sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"scikit-learn, a dependency of timm-scheme .*pip install timm-scheme$"):
         load_digits_tensors()
