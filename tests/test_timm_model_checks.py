@@ -204,7 +204,7 @@ def test_fx_forward_backward_and_fx_torchscript(name):
         got = torch.cat(tuple(fx(x).values()))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with torch.inference_mode():
-        scripted = torch.jit.script(timm_fx_model(model))
+        scripted = torch.jit.script(fx)  # the graph just checked: tracing it again gives the same graph (~3 s for S36)
         torch.testing.assert_close(torch.cat(tuple(scripted(x).values())), want, rtol=1e-4, atol=1e-5)
 
     train_model = factory(num_classes=42).train()
