@@ -13,7 +13,8 @@ which rules out other resolutions and dense-prediction backbones; the zero-padde
 already see position. No pretrained weights exist.
 
 Depths S12 (2, 2, 6, 2), S24 (4, 4, 12, 4), S36 (6, 6, 18, 6); groups 4 in the base names, 2 and 8 in the
-``_g2`` / ``_g8`` variants. Parameter and MAC counts, and how they compare with the paper's, are in the README.
+``_g2`` / ``_g8`` variants. Parameter and MAC counts, and how they compare with the paper's, are in
+docs/schemeformer.md (``examples/schemeformer_costs.py`` regenerates them).
 """
 from __future__ import annotations
 
