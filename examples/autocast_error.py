@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import load_average, machine, write_results  # noqa: E402
-from tests.test_robustness import (AUTOCAST_TOLERANCE, batch, loss_and_grads, patched,  # noqa: E402
-                                   relative_error)
+from tests.scenarios import (AUTOCAST_TOLERANCE, batch, loss_and_grads, patched_shallow,  # noqa: E402
+                             relative_error)
 
 MODELS = ["deit_tiny_patch16_224", "caformer_s18"]  # the test's parametrization
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,7 +29,7 @@ RESULTS = ROOT / "examples" / "results" / "autocast_error"
 
 def measure(key: str, name: str) -> Dict:
     dtype = DTYPES[name]
-    model = patched(key, keep=1)
+    model = patched_shallow(key, keep=1)
     images, labels = batch(key)
     logits, _, grads = loss_and_grads(model, images, labels)
     with torch.autocast("cpu", dtype=dtype):

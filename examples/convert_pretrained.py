@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python examples/convert_pretrained.py`
+from benchmarks.harness import machine  # noqa: E402
 from timm_scheme import fuse_for_inference, scheme_mixers, scheme_patch
 from timm_scheme.conversion import init_from_dense, layer_output_errors
 from timm_scheme.patching.patch import find_mlps
@@ -173,7 +174,7 @@ def run_seed(seed: int, args: argparse.Namespace, log: Callable[[str], None]) ->
 
 def write_report(data: Dict[str, Any], out: Path) -> str:
     runs = data["runs"]
-    threads = data["machine"]["threads"]
+    threads = int(data["machine"]["threads"])
     lines = [
         "# Converting a trained dense ViT with `init=\"dense\"` (digits, measured)",
         "",
@@ -228,14 +229,6 @@ def _spread(values: List[float], pct: bool = True) -> str:
     return f"{fmt(statistics.mean(values))} ({fmt(min(values))}-{fmt(max(values))})"
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -247,8 +240,7 @@ def main() -> None:
     runs = [run_seed(seed, args, lambda s: print(s, flush=True)) for seed in range(args.seeds)]
     data = {
         "generated_by": " ".join(["python examples/convert_pretrained.py", *sys.argv[1:]]),
-        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "timm": timm.__version__},
+        "machine": machine(),
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "report_only")},
         "wall_time_s": time.perf_counter() - start,
         "runs": runs,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # `python examples/init_dense_checkpoint.py`
+from benchmarks.harness import machine  # noqa: E402
+
 RESULTS = "init_dense_checkpoint"
 # tests/test_train.py's TINY model and run options
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2",
@@ -56,14 +58,6 @@ def measure_seed(seed: int, work: Path) -> dict:
     return row
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="default 0, the test's seed")
@@ -72,9 +66,6 @@ def main(argv=None) -> int:
 
     import logging
     import warnings
-
-    import timm
-    import torch
 
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")  # fusing warns about what it drops; nothing here is deployed
@@ -88,14 +79,16 @@ def main(argv=None) -> int:
         "dense_args": TINY + DENSE,
         "converted_args": TINY + FROZEN + ["--initial-checkpoint", "<dense>/checkpoint.pth"],
         "conversions": CONVERSIONS,
-        "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "timm": timm.__version__, "threads": 1},
+        "machine": {**machine(), "cpu_count": str(os.cpu_count()), "threads": "1"},  # every run: --threads 1
         "wall_time_s": round(time.perf_counter() - started, 1),
         "runs": runs,
         "mean": {k: statistics.mean(r[k] for r in runs) for k in keys},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{RESULTS}.json").write_text(json.dumps(data, indent=1))
+    target = args.out / f"{RESULTS}.json"
+    partial = target.with_name(f".{target.name}.partial")  # renamed into place: an interrupted run keeps the last
+    partial.write_text(json.dumps(data, indent=1))
+    os.replace(partial, target)
     for r in runs:
         print(f"seed {r['seed']}: dense {r['dense_top1']:.1f}%, converted before any step: init dense "
               f"{r['init_dense_top1']:.1f}%, random {r['random_top1']:.1f}% (margin "

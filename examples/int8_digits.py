@@ -8,7 +8,7 @@
 
     python examples/int8_digits.py      # writes examples/results/int8_digits.{md,json}
 
-One thread; the training and the models are the tests' own (``tests.test_quantize``).
+One thread; the training and the models are the tests' own (``tests/scenarios.py``).
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import load_average, machine, write_results  # noqa: E402
-from tests.test_quantize import ENTRY_POINTS, HAS_TORCHAO, _fused_deit, _train_digits  # noqa: E402
+from tests.scenarios import HAS_TORCHAO, QUANTIZE_ENTRY_POINTS, fused_deit, train_digits  # noqa: E402
 
 RESULTS = ROOT / "examples" / "results" / "int8_digits"
 
 
 def routes() -> List[str]:
-    return [e for e in ENTRY_POINTS if e != "torchao" or HAS_TORCHAO]
+    return [e for e in QUANTIZE_ENTRY_POINTS if e != "torchao" or HAS_TORCHAO]
 
 
 def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -40,7 +40,7 @@ def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def digits_seed(seed: int) -> Dict:
-    model, x_test, y_test = _train_digits(seed=seed)  # trains: no no_grad here
+    model, x_test, y_test = train_digits(seed=seed)  # trains: no no_grad here
     return _digits_row(seed, model, x_test, y_test)
 
 
@@ -50,7 +50,7 @@ def _digits_row(seed: int, model: torch.nn.Module, x_test: torch.Tensor, y_test:
     top1 = lambda out: float((out.argmax(-1) == y_test).float().mean()) * 100  # noqa: E731
     row = {"seed": seed, "images": len(y_test), "fp32_top1": top1(logits)}
     for entry in routes():
-        out = ENTRY_POINTS[entry][0](model)(x_test)
+        out = QUANTIZE_ENTRY_POINTS[entry][0](model)(x_test)
         row[entry] = {"top1": top1(out), "top1_loss": row["fp32_top1"] - top1(out),
                       "images_lost": int((logits.argmax(-1) == y_test).sum() - (out.argmax(-1) == y_test).sum()),
                       "relative_logit_error": relative(out, logits)}
@@ -60,12 +60,12 @@ def _digits_row(seed: int, model: torch.nn.Module, x_test: torch.Tensor, y_test:
 @torch.no_grad()
 def random_seed(seed: int) -> Dict:
     torch.manual_seed(seed)
-    model = _fused_deit()
+    model = fused_deit()
     x = torch.randn(8, 3, 32, 32)
     ref = model(x)
     row = {"seed": seed}
     for entry in routes():
-        quantize = ENTRY_POINTS[entry][0]
+        quantize = QUANTIZE_ENTRY_POINTS[entry][0]
         row[entry] = {"relative_logit_error": relative(quantize(model)(x), ref),
                       "block_diagonal_only": relative(quantize(model, linear=False)(x), ref)}
     return row

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import machine, write_results  # noqa: E402
-from tests.test_lora import patched  # noqa: E402
+from tests.scenarios import patched_deit  # noqa: E402
 
 RESULTS = ROOT / "examples" / "results" / "lora_block_energy"
 
@@ -40,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    mlp = patched().blocks[0].mlp
+    mlp = patched_deit().blocks[0].mlp
     rows = []
     for name in ("fc1", "fc2"):
         layer = getattr(mlp, name)

@@ -14,19 +14,13 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import timm_scheme  # noqa: E402
-from timm_scheme import fuse_for_inference, scheme_mixers, scheme_patch  # noqa: E402
+from timm_scheme import fuse_for_inference, scheme_mixers  # noqa: E402
 from timm_scheme.layers import BlockDiagonalConv1x1, BlockDiagonalLinear  # noqa: E402
 from timm_scheme.integrations.lora import BlockDiagonalLora, register_lora  # noqa: E402
 
+from .scenarios import patched_deit  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def patched(cca: bool = False, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
-                              depth=2)
-    scheme_patch(model, groups=4, expansion=8, cca=cca)
-    return model.eval()
 
 
 def images(n: int = 4, seed: int = 1) -> torch.Tensor:
@@ -66,14 +60,14 @@ def test_adapted_layer_matches_a_dense_recomputation(kind):
 
 
 def test_wrapped_projections_leave_the_fused_kernels():
-    model = lora(patched(), init_lora_weights=False)
+    model = lora(patched_deit(), init_lora_weights=False)
     mixer = next(iter(scheme_mixers(model).values()))
     assert not mixer.plain_projections() and not mixer.fused_kernel_ok()
-    assert (model(images()) - patched()(images())).abs().max() > 1e-3  # the adapters act
+    assert (model(images()) - patched_deit()(images())).abs().max() > 1e-3  # the adapters act
 
 
 def test_merge_is_exact_and_the_merged_weights_are_the_blocks_plus_the_update():
-    model = lora(patched(), init_lora_weights=False).eval()
+    model = lora(patched_deit(), init_lora_weights=False).eval()
     x = images()
     with torch.no_grad():
         unmerged = model(x)
@@ -88,7 +82,7 @@ def test_merge_is_exact_and_the_merged_weights_are_the_blocks_plus_the_update():
 
 
 def test_training_moves_only_the_adapters_and_lowers_the_loss():
-    model = lora(patched(cca=True))
+    model = lora(patched_deit(cca=True))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -109,17 +103,17 @@ def test_training_moves_only_the_adapters_and_lowers_the_loss():
 
 
 def test_adapters_save_and_load_with_peft(tmp_path):
-    model = lora(patched(), init_lora_weights=False).eval()
+    model = lora(patched_deit(), init_lora_weights=False).eval()
     model.save_pretrained(tmp_path / "adapter")
     config = register_lora(LoraConfig.from_pretrained(tmp_path / "adapter"))
-    loaded = PeftModel.from_pretrained(patched(), tmp_path / "adapter", config=config).eval()
+    loaded = PeftModel.from_pretrained(patched_deit(), tmp_path / "adapter", config=config).eval()
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
 
 
 def test_merged_model_fuses_saves_and_loads_like_any_scheme_model(tmp_path):
-    model = lora(patched(cca=True), init_lora_weights=False).eval()
+    model = lora(patched_deit(cca=True), init_lora_weights=False).eval()
     with torch.no_grad():
         for mixer in scheme_mixers(model).values():
             mixer.mix_logits.copy_(torch.tensor([2.0, -1.0]))
@@ -146,18 +140,18 @@ def test_merged_model_fuses_saves_and_loads_like_any_scheme_model(tmp_path):
                                            ("lora_bias", True)])
 def test_unsupported_options_are_refused_clearly(option, value):
     with pytest.raises(ValueError, match=rf"{option}.* not supported on block-diagonal layers"):
-        lora(patched(), **{option: value})
+        lora(patched_deit(), **{option: value})
 
 
 def test_without_registration_peft_refuses():
     with pytest.raises(ValueError, match="not supported"):
-        get_peft_model(patched(), LoraConfig(r=2, target_modules=["fc1"]))
+        get_peft_model(patched_deit(), LoraConfig(r=2, target_modules=["fc1"]))
 
 
 def test_a_per_group_update_keeps_what_a_dense_low_rank_update_would_lose():
     """Why the adapter is per group: a dense rank-r update projected onto the blocks keeps about 1/groups of its
     energy; the per-group one keeps all of it (its parameter count equals the dense LoRA's)."""
-    model = lora(copy.deepcopy(patched()), init_lora_weights=False)
+    model = lora(copy.deepcopy(patched_deit()), init_lora_weights=False)
     layer = model.base_model.model.blocks[0].mlp.fc1
     torch.manual_seed(0)
     dense = torch.randn(1536, 2) @ torch.randn(2, 192)

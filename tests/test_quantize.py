@@ -2,22 +2,20 @@
 int8 reference written here, close to the float layers and models, both entry points (torch.ao quantize_dynamic,
 torchao quantize_), accuracy on digits, and refusing a model that is not fused."""
 import copy
-import importlib.util
-import math
 import pickle
 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import timm_scheme
 from timm_scheme.integrations import quantize as Q
 from timm_scheme.kernels import int8 as int8_kernels
 from timm_scheme.layers import int8 as int8_layers
-from timm_scheme.training.digits import load_digits_tensors
 from timm_scheme.layers import BlockDiagonalConv1x1, BlockDiagonalLinear, SchemeMlp
+
+from .scenarios import HAS_TORCHAO, QUANTIZE_ENTRY_POINTS, fused_deit, train_digits
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               # torch.ao.quantization announces its deprecation on every quantize_dynamic call
@@ -26,7 +24,6 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:fuse_for_inference:UserWarning")]
 
 FLOAT_TYPES = (nn.Linear, BlockDiagonalLinear, BlockDiagonalConv1x1)
-HAS_TORCHAO = importlib.util.find_spec("torchao") is not None  # a dev extra
 
 
 def _int8_reference(x2d, weight, bias):
@@ -213,36 +210,17 @@ def test_int8_mixer_kernel_is_the_two_int8_layers(options, modules):
     assert float((fused - y).norm() / y.norm()) < (0.02 if modules == "INT8_MODULES" else 0.07)
 
 
-def _fused_deit():
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
-                              depth=2)
-    timm_scheme.scheme_patch(model, groups=4, expansion=8)
-    model.eval()
-    timm_scheme.fuse_for_inference(model)
-    return model
-
-
 def _float_layers(model):
     return [name for name, m in model.named_modules() if type(m) in FLOAT_TYPES
             and not (type(m) is nn.Linear and type(m.weight).__name__ == "Int8Tensor")]
 
 
-# relative error of the logits (norm), random weights and inputs; measured at seeds 0-4 by examples/int8_digits.py
-# (examples/results/int8_digits.md): torch.ao 3.4-4.1% (its Linear quantizes activations per tensor, 7-bit on x86),
-# torchao 1.6-2.0%; block-diagonal layers alone: torch.ao (per call and group) 1.9-2.8%, torchao (per token and
-# group) 1.0-1.4%
-ENTRY_POINTS = {
-    "torch.ao": (lambda m, **kw: Q.quantize_dynamic_int8(m, **kw), 0.08),
-    "torchao": (lambda m, **kw: Q.quantize_int8(copy.deepcopy(m), **kw), 0.05),
-}
-
-
-@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("entry", list(QUANTIZE_ENTRY_POINTS))
 def test_entry_points_quantize_every_linear_layer(entry):
     if entry == "torchao" and not HAS_TORCHAO:
         pytest.skip("torchao is not installed")
-    quantize, bound = ENTRY_POINTS[entry]
-    model = _fused_deit()
+    quantize, bound = QUANTIZE_ENTRY_POINTS[entry]
+    model = fused_deit()
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
@@ -285,40 +263,11 @@ def test_torchao_config_and_handler():
         quantize_(nn.Sequential(nn.Linear(4, 4)), config)
 
 
-def _train_digits(epochs=25, seed=0):
-    """A tiny SCHEME ViT with CCA trained on digits (initialisation and batch order from ``seed``), fused.
-    Also run by examples/int8_digits.py, which records the accuracy int8 costs over several seeds."""
-    torch.manual_seed(seed)
-    x_train, y_train, x_test, y_test = load_digits_tensors(img_size=16)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
-                              embed_dim=64, depth=2, num_heads=2)
-    timm_scheme.scheme_patch(model, groups=4, expansion=8, cca=True)
-    batch = 64
-    steps = epochs * (len(y_train) // batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-    # a cosine to zero: the patch's default schedule anneals CCA out with the learning rate
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    order = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y_train), generator=order)
-        for i in range(len(y_train) // batch):
-            idx = perm[i * batch:(i + 1) * batch]
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    timm_scheme.fuse_for_inference(model)
-    return model, x_test, y_test
-
-
 def test_digits_accuracy_survives_int8():
     """A tiny SCHEME ViT trained on digits (about 15 s on one thread), fused, quantized both ways. Over training
     seeds 0-4 (examples/int8_digits.py, examples/results/int8_digits.md): fused fp32 95.5-96.9% top-1; int8 loses at
     most 0.45 points (2 images in 449) through torch.ao and 0.22 (1 image) through torchao."""
-    model, x_test, y_test = _train_digits()
+    model, x_test, y_test = train_digits()
 
     def top1(m):
         with torch.no_grad():
@@ -329,7 +278,7 @@ def test_digits_accuracy_survives_int8():
     base = top1(model)
     assert base > 90
     figures = {"fp32": base}
-    for entry, (quantize, _) in ENTRY_POINTS.items():
+    for entry, (quantize, _) in QUANTIZE_ENTRY_POINTS.items():
         if entry == "torchao" and not HAS_TORCHAO:
             continue
         quantized = quantize(model)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 from unittest import mock
 
 import pytest
@@ -24,9 +24,9 @@ from torch import nn
 
 import timm_scheme.kernels.mlp as bd_mlp
 from timm_scheme import (BlockDiagonalConv1x1, BlockDiagonalLinear, ChannelCovarianceAttention, SchemeMlp,
-                         fuse_for_inference, scheme_mixers, scheme_patch)
+                         fuse_for_inference, scheme_mixers)
 
-from .models import ARCHITECTURES, create, shallow
+from .scenarios import AUTOCAST_TOLERANCE, batch, loss_and_grads, patched_shallow, relative_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,36 +35,6 @@ PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[Healt
 
 
 # --- whole models ------------------------------------------------------------------------------------------
-
-def patched(key: str, keep: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    model = scheme_patch(shallow(create(key), keep=keep), groups=4, expansion=8, cca=True)
-    with torch.no_grad():  # alpha away from its 0.5 init: CCA and BD-MLP weigh differently per layer
-        for name, param in model.named_parameters():
-            if name.endswith("mix_logits"):
-                param.copy_(torch.randn(2))
-    return model.train()
-
-
-def batch(key: str, size: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    side = ARCHITECTURES[key][1]
-    return torch.randn(size, 3, side, side, generator=generator), torch.randint(0, 10, (size,), generator=generator)
-
-
-def loss_and_grads(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
-                   ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-    """Logits, cross-entropy loss and the gradients of the loss (parameters, and the input as "input").
-    Seeded: Swin's stochastic depth draws the same masks in every call."""
-    torch.manual_seed(2)
-    images = images.detach().clone().requires_grad_()
-    logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
-    # a torch.compile wrapper names them "_orig_mod.<name>"
-    named = [(n.removeprefix("_orig_mod."), p) for n, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [images] + [p for _, p in named])
-    return logits.detach(), loss.detach(), {"input": grads[0], **{n: g for (n, _), g in zip(named, grads[1:])}}
-
 
 def assert_same_grads(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], **tolerance) -> None:
     assert got.keys() == want.keys()
@@ -83,7 +53,7 @@ def count_mixer_calls(model: nn.Module) -> List[int]:
 @pytest.mark.parametrize("recompute_hidden", [False, True])
 @pytest.mark.parametrize("key", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(key, recompute_hidden):
-    model = patched(key)
+    model = patched_shallow(key)
     for mixer in scheme_mixers(model).values():
         mixer.recompute_hidden = recompute_hidden  # also the custom autograd Function inside a checkpoint
     images, labels = batch(key)
@@ -111,7 +81,7 @@ def test_cca_backward_under_non_reentrant_checkpoint(channels_last):
 @pytest.mark.parametrize("form", ["train", "fused"])
 @pytest.mark.parametrize("key", ["poolformer_s12", "caformer_s18"])
 def test_channels_last_gives_the_same_output_and_gradients(key, form):
-    model = patched(key, keep=1)
+    model = patched_shallow(key, keep=1)
     if form == "fused":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the discarded CCA weight of an untrained model
@@ -130,26 +100,12 @@ def test_channels_last_gives_the_same_output_and_gradients(key, form):
     assert_same_grads(grads_cl, grads, rtol=1e-4, atol=1e-5)
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want).norm() / want.norm())
-
-
-# relative error bounds against float32 for (logits, mixer weight and input gradients, mixing-logit gradients).
-# Measured on these models by examples/autocast_error.py (examples/results/autocast_error.md): bf16 0.5-1.1% /
-# 0.6-1.9% / 2.5-43%, fp16 0.07-0.10% / 0.08-0.17% / 0.08-9.5%. The mixing logits' gradient is a small
-# difference of large sums (BD-MLP against CCA output), so it keeps few digits in any low-precision dtype; worst
-# in CAFormer's first stage, whose 1e-5 layer scale leaves a gradient that is mostly cancellation (bf16 rounds 8x
-# coarser than fp16). A broken cast or a branch computed in the wrong precision lands far outside the logit and
-# weight bounds.
-AUTOCAST_TOLERANCE = {torch.bfloat16: (0.03, 0.06, 0.6), torch.float16: (0.005, 0.01, 0.15)}
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("key", ["deit_tiny_patch16_224", "caformer_s18"])
 def test_autocast_training_step_is_finite_and_close_to_float32(key, dtype):
     """fp16 autocast on CPU as well as bf16. No GradScaler: these models have no tiny layer scale to underflow
     fp16 gradients (PoolFormer's 1e-5 does: there fp16 training needs a GradScaler, as anywhere)."""
-    model = patched(key, keep=1)
+    model = patched_shallow(key, keep=1)
     images, labels = batch(key)
     logits, loss, grads = loss_and_grads(model, images, labels)
     with torch.autocast("cpu", dtype=dtype):
@@ -170,7 +126,7 @@ def test_whole_model_under_torch_compile_matches_eager(key, form):
     """test_compile.py checks single mixers; here a whole patched timm model, traced by aot_eager (forward and
     backward through timm's blocks and both SCHEME layouts, without inductor's C++ build)."""
     dynamo.reset()
-    model = patched(key, keep=1)
+    model = patched_shallow(key, keep=1)
     images, labels = batch(key)
     compiled = torch.compile(model, backend="aot_eager")
     if form == "train":
