@@ -226,9 +226,9 @@ out = Path(value("--output")) / value("--experiment")
 out.mkdir(parents=True, exist_ok=True)
 (out / "args.yaml").write_text("epochs: " + value("--epochs") + "\\n")
 with open(out / "summary.csv", "a") as f:
-    f.write("epoch,train_loss,eval_top1\\n")
+    f.write("epoch,train_loss,eval_loss,eval_top1\\n")
     for epoch in range(int(value("--epochs"))):
-        f.write(f"{epoch},1.0,{90 + epoch}.0\\n")
+        f.write(f"{epoch},{2 - epoch / 4},{1 - epoch / 8},{90 + epoch}.0\\n")
 (out / "last.pth.tar").write_bytes(b"weights")
 """
 
@@ -245,6 +245,8 @@ def test_a_stopped_training_is_trained_again_in_a_clean_folder(tmp_path):
     args = argparse.Namespace(out=tmp_path / "out", timm_dir=timm_dir, epochs=3, machine="machine A")
     record = run_timm_train.one_run(args, "vit", "dense", 1, 100, tmp_path / "data")
     assert (record["epochs"], record["train_py_top1"]) == (3, 92.0)
+    # the last epoch's losses as the fake train.py wrote them (epoch 2: 2 - 2/4 and 1 - 2/8)
+    assert (record["last_train_loss"], record["last_eval_loss"]) == (1.5, 0.75)
     assert not (stopped / "checkpoint-0.pth.tar").exists()  # the stopped start's files are gone
     summary = (stopped / "summary.csv").read_text()
     assert summary.count("epoch,") == 1 and "10.0" not in summary

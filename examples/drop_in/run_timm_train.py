@@ -256,7 +256,8 @@ def one_run(args: argparse.Namespace, family: str, variant: str, seed: int, step
         started -= trained_s
     rows = epoch_rows(folder / "train" / "summary.csv")
     record: Dict[str, Any] = dict(family=family, variant=variant, seed=seed, options=options,
-                                  train_py_top1=float(rows[-1]["eval_top1"]), epochs=len(rows), machine=args.machine)
+                                  train_py_top1=float(rows[-1]["eval_top1"]), epochs=len(rows), machine=args.machine,
+                                  **last_losses(rows))
     if only is not None:
         record["patched_only"] = only
     if options is not None:
@@ -284,6 +285,12 @@ def epoch_rows(summary: Path) -> List[Dict[str, str]]:
         lines = f.read().splitlines()
     header = max((i for i, line in enumerate(lines) if line.startswith("epoch,")), default=0)
     return list(csv.DictReader(lines[header:]))
+
+
+def last_losses(rows: List[Dict[str, str]]) -> Dict[str, float]:
+    """The last epoch's training and validation loss as train.py logged them: whether a line underfits or
+    overfits, kept in the record because the run folders are not."""
+    return {"last_train_loss": float(rows[-1]["train_loss"]), "last_eval_loss": float(rows[-1]["eval_loss"])}
 
 
 def finished_training_s(train_dir: Path, epochs: int) -> Optional[float]:
