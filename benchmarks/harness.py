@@ -13,6 +13,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from timm_scheme.io.artifacts import staged_file
+
 
 @dataclass
 class Timing:
@@ -113,12 +115,9 @@ def machine() -> Dict[str, str]:
 def write_results(stem: Path, data: object, text: str) -> None:
     """``stem.json`` (the data) and ``stem.md`` (its table), each written beside its target and renamed into place,
     so an interrupted run leaves the previous results whole; prints the table."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
     for suffix, content in ((".json", json.dumps(data, indent=1)), (".md", text)):
-        target = stem.with_suffix(suffix)
-        partial = target.with_name(f".{target.name}.partial")
-        partial.write_text(content)
-        os.replace(partial, target)
+        with staged_file(stem.with_suffix(suffix)) as partial:
+            partial.write_text(content)
     print(text)
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python examples/convert_pretrained.py`
 from benchmarks.harness import machine  # noqa: E402
 from timm_scheme import fuse_for_inference, scheme_mixers, scheme_patch
+from timm_scheme.io.artifacts import staged_file
 from timm_scheme.conversion import init_from_dense, layer_output_errors
 from timm_scheme.patching.patch import find_mlps
 from timm_scheme.training import random_batches, short_schedule, train_one_epoch
@@ -247,9 +248,8 @@ def main() -> None:
     }
     if args.quick:
         path = args.out / f"{RESULTS}_quick.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    with staged_file(path) as partial:
+        partial.write_text(json.dumps(data, indent=1))
     if not args.quick:
         print(write_report(data, args.out))
 

@@ -25,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # `python examples/init_dense_checkpoint.py`
 from benchmarks.harness import machine  # noqa: E402
+from timm_scheme.io.artifacts import staged_file  # noqa: E402
 
 RESULTS = "init_dense_checkpoint"
 # tests/test_train.py's TINY model and run options
@@ -84,11 +85,8 @@ def main(argv=None) -> int:
         "runs": runs,
         "mean": {k: statistics.mean(r[k] for r in runs) for k in keys},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"{RESULTS}.json"
-    partial = target.with_name(f".{target.name}.partial")  # renamed into place: an interrupted run keeps the last
-    partial.write_text(json.dumps(data, indent=1))
-    os.replace(partial, target)
+    with staged_file(args.out / f"{RESULTS}.json") as partial:  # an interrupted run keeps the last results whole
+        partial.write_text(json.dumps(data, indent=1))
     for r in runs:
         print(f"seed {r['seed']}: dense {r['dense_top1']:.1f}%, converted before any step: init dense "
               f"{r['init_dense_top1']:.1f}%, random {r['random_top1']:.1f}% (margin "
