@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import timm_scheme  # noqa: E402  (registers the SCHEMEformer family in timm)
 from benchmarks.harness import machine, write_results  # noqa: E402
+from timm_scheme.models.schemeformer import ppaa_metaformer_kwargs  # noqa: E402
 from timm_scheme.stats import count_macs, count_mlp_params, count_params  # noqa: E402
 
 RESULTS = ROOT / "examples" / "results" / "schemeformer_costs"
@@ -73,13 +74,8 @@ def measure(name: str) -> Dict:
 def dense_counterpart(scheme_model: nn.Module) -> nn.Module:
     """The SCHEMEformer's MetaFormer with timm's own MLPs (E=4, fixed by MetaFormer): the arguments of the
     family's registration, the depths read from the model."""
-    from timm.layers import GroupNorm1, LayerNorm
-    from timm.models.metaformer import Attention, MetaFormer, Pooling
-    return MetaFormer(depths=tuple(depths(scheme_model)), dims=(64, 128, 320, 512),
-                      token_mixers=(Pooling, Pooling, Attention, Attention),
-                      norm_layers=(GroupNorm1, GroupNorm1, LayerNorm, LayerNorm), downsample_norm=None,
-                      mlp_act=nn.GELU, mlp_bias=True, layer_scale_init_values=1e-5, res_scale_init_values=None,
-                      use_mlp_head=False, num_classes=NUM_CLASSES)
+    from timm.models.metaformer import MetaFormer
+    return MetaFormer(**ppaa_metaformer_kwargs(tuple(depths(scheme_model))), num_classes=NUM_CLASSES)
 
 
 def measure_dense(name: str) -> Dict:

@@ -11,6 +11,7 @@ from torch import nn
 
 import timm
 import timm_scheme
+from timm_scheme.models.schemeformer import ppaa_metaformer_kwargs
 
 from ..harness import Settings, Table, compare, ratio
 from .common import Plan, without_grad
@@ -33,12 +34,8 @@ def dense_model(name: str, **kwargs) -> nn.Module:
 
 def _dense_ppaa_s12(**kwargs) -> nn.Module:
     """The SCHEMEformer's architecture with timm's dense MLPs (MetaFormer fixes E=4): its baseline."""
-    from timm.layers import GroupNorm1, LayerNorm
-    from timm.models.metaformer import Attention, MetaFormer, Pooling
-    return MetaFormer(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), token_mixers=(Pooling, Pooling, Attention, Attention),
-                      norm_layers=(GroupNorm1, GroupNorm1, LayerNorm, LayerNorm), downsample_norm=None,
-                      mlp_act=nn.GELU, mlp_bias=True, layer_scale_init_values=1e-5,
-                      res_scale_init_values=None, use_mlp_head=False, **kwargs)
+    from timm.models.metaformer import MetaFormer
+    return MetaFormer(**ppaa_metaformer_kwargs((2, 2, 6, 2)), **kwargs)
 
 
 def scheme_model(name: str, cca: bool = True, **kwargs) -> nn.Module:

@@ -18,7 +18,7 @@ docs/schemeformer.md (``examples/schemeformer_costs.py`` regenerates them).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -29,7 +29,7 @@ from timm.models.metaformer import Attention, MetaFormer, Pooling
 from ..config import SchemeConfig
 from ..patching.patch import scheme_patch
 
-__all__ = ["SchemeFormer"]
+__all__ = ["SchemeFormer", "ppaa_metaformer_kwargs"]
 
 PAPER = "SCHEME: Scalable Channel Mixer for Vision Transformers"
 
@@ -140,9 +140,10 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _ppaa(variant: str, pretrained: bool, **kwargs) -> SchemeFormer:
-    depths, groups = _VARIANTS[variant]
-    model_kwargs = dict(
+def ppaa_metaformer_kwargs(depths: Tuple[int, ...]) -> Dict[str, Any]:
+    """timm ``MetaFormer`` arguments of the PPAA architecture at ``depths``: the family's, and, built as a plain
+    ``MetaFormer`` with timm's E=4 MLPs, the dense baseline it is compared with."""
+    return dict(
         depths=depths,
         dims=(64, 128, 320, 512),
         token_mixers=(Pooling, Pooling, Attention, Attention),
@@ -154,7 +155,11 @@ def _ppaa(variant: str, pretrained: bool, **kwargs) -> SchemeFormer:
         res_scale_init_values=None,
         use_mlp_head=False,
     )
-    model_kwargs.update(kwargs)
+
+
+def _ppaa(variant: str, pretrained: bool, **kwargs) -> SchemeFormer:
+    depths, groups = _VARIANTS[variant]
+    model_kwargs = {**ppaa_metaformer_kwargs(depths), **kwargs}
     return _create_schemeformer(variant, pretrained=pretrained, groups=groups, **model_kwargs)
 
 
